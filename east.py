@@ -225,13 +225,11 @@ def normalise_row(row, where):
     if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
         gold = gsm8k_gold(row["answer"]) if "####" in row["answer"] else row["answer"].strip()
         return {"question": row["question"], "gold": gold, "style": "gsm8k"}
+    extra = {k: row[k] for k in ("level", "subject") if k in row}
     if isinstance(row.get("problem"), str) and isinstance(row.get("answer"), str):
-        extra = {k: row[k] for k in ("level", "subject") if k in row}
         return {"question": row["problem"], "gold": row["answer"].strip(), "style": "math", **extra}
-    if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):
-        gold = last_boxed(row["solution"])
-        if gold is not None:
-            return {"question": row["problem"], "gold": gold, "style": "math"}
+    if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):  # Hendrycks' own form
+        return {"question": row["problem"], "gold": last_boxed(row["solution"]) or "", "style": "math", **extra}
     raise UsageError(f"{where}: needs 'question' and 'answer' (GSM8K form) or 'problem' and 'answer' "
                      f"(MATH form); found keys {sorted(row)}")
 
@@ -269,7 +267,8 @@ def load_hub_split(dataset, split):
             rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
             return [normalise_row(dict(r), f"openai/gsm8k {split}") for r in rows]
         rows = datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", split=split)
-        return [normalise_row({"problem": r["problem"], "solution": r["solution"]}, f"MATH {split}") for r in rows]
+        return [normalise_row({"problem": r["problem"], "solution": r["solution"], "level": r["level"],
+                               "subject": r["type"]}, f"MATH {split}") for r in rows]
     except UsageError:
         raise
     except Exception as e:  # the hub raises many types (connection, HTTP, file-not-found)

@@ -21,6 +21,13 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.fixture(scope="session")
+def data_dir():
+    if not (DATA_DIR / "gsm8k" / "train.jsonl").exists():
+        pytest.fail(f"benchmark data not found in {DATA_DIR}: put shared/ beside the checkout or set EAST_DATA_DIR")
+    return DATA_DIR
+
+
 # -----------------------------------------------------------------------------
 # A tiny random model whose tokenizer knows only "7", " " and "\n" (everything else is <unk>),
 # so its random outputs still contain numbers like 7 and 77 and some samples are graded correct.
@@ -233,9 +240,9 @@ def test_arith_splits_are_disjoint_and_stable():
     assert east.load_questions(args)[1] == test  # the test set does not move with --train-size
 
 
-def test_gsm8k_gold_numbers_are_extracted_from_every_solution():
+def test_gsm8k_gold_numbers_are_extracted_from_every_solution(data_dir):
     for split in ("train", "test"):
-        rows = read_jsonl(DATA_DIR / "gsm8k" / f"{split}.jsonl")
+        rows = read_jsonl(data_dir / "gsm8k" / f"{split}.jsonl")
         assert len(rows) in (7473, 1319)
         for row in rows:
             gold = Fraction(row["answer"].split("####")[-1].strip().replace(",", ""))
@@ -243,9 +250,9 @@ def test_gsm8k_gold_numbers_are_extracted_from_every_solution():
             assert east.canonical_answer(extracted) == f"number:{gold}", row["answer"]
 
 
-def test_every_math_gold_answer_is_equivalent_to_itself_and_boxed():
+def test_every_math_gold_answer_is_equivalent_to_itself_and_boxed(data_dir):
     for split in ("train", "test"):
-        for row in read_jsonl(DATA_DIR / "math" / f"{split}.jsonl"):
+        for row in read_jsonl(data_dir / "math" / f"{split}.jsonl"):
             gold = row["answer"]
             if not gold.strip():  # two training rows have no answer; the loader skips them
                 assert row["unique_id"] in ("train/number_theory/7115.json", "train/number_theory/7117.json")
@@ -254,8 +261,8 @@ def test_every_math_gold_answer_is_equivalent_to_itself_and_boxed():
             assert east.is_equiv(east.extract_answer(f"So we get \\boxed{{{gold}}}.", "math"), gold), gold
 
 
-def test_local_data_dir_loads_without_download():
-    args = east.build_parser().parse_args(["--dataset", "math", "--data-dir", str(DATA_DIR), "--eval-size", "10"])
+def test_local_data_dir_loads_without_download(data_dir):
+    args = east.build_parser().parse_args(["--dataset", "math", "--data-dir", str(data_dir), "--eval-size", "10"])
     train, test = east.load_questions(args)
     assert len(train) == 7500 - 2 and len(test) == 10  # two rows without a gold answer are skipped
     assert train[0]["style"] == "math" and "level" in train[0] and train[0]["id"] == "train-0"
