@@ -470,6 +470,17 @@ def sample_responses(model, tokenizer, questions, args, path):
 
 # -----------------------------------------------------------------------------
 # Answer extraction and equivalence (step 2)
+#
+# One canonical key per answer; grading (is_equiv) and clustering (cluster_answers) both compare
+# keys, so they always agree and equivalence is an equivalence relation. Nothing here executes
+# model text: numbers are parsed into exact Fractions, and expressions go through a small
+# whitelisted evaluator. Policy choices:
+#   - unreduced fractions equal reduced ones: \frac{2}{4} == \frac{1}{2} (same value);
+#   - a percent sign is dropped: 25\% == 25, and 25\% != 0.25;
+#   - "x = 5" and "x \in [0, 1]" are their right-hand sides; an equation whose left side is not a
+#     single letter ("2x + y = 3") is kept whole and compared as text;
+#   - a decimal with 6 or more significant digits equals the non-terminating fraction it rounds
+#     (0.333333 == 1/3, 0.6666667 == 2/3), never a terminating one (0.1250001 != 1/8).
 
 
 def last_boxed(text):
@@ -490,7 +501,9 @@ def last_boxed(text):
     return None  # unclosed
 
 
-FINAL_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE)
+# "The final answer is $\frac{1}{2}$." -> the math span; "the answer is 12 apples." -> to the sentence's end
+FINAL_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*"
+                          r"(\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]|.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE)
 NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -499,7 +512,7 @@ def extract_answer(text, dataset="gsm8k"):
     for GSM8K-style (numeric) questions also the first '#### N', else the last number, and each
     of these is reduced to its last number ("3 + 7 = 10" -> "10") or skipped if it has none."""
     stated = FINAL_ANSWER.findall(text)
-    candidates = [last_boxed(text), stated[-1] if stated else None]
+    candidates = [last_boxed(text), stated[-1].strip("$ ") if stated else None]
     if dataset != "gsm8k":
         return next((c for c in candidates if c), None)
     marked = re.search(r"####\s*([^\n]+)", text)
@@ -513,36 +526,40 @@ def extract_answer(text, dataset="gsm8k"):
     return None
 
 
-LATEX_NOISE = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"),
-               ("{,}", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\$", ""), ("$", ""),
-               ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", "")]
-GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
-PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d{1,3})?", re.IGNORECASE)
+LATEX_NOISE = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\displaystyle", ""),
+               ("{,}", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\$", ""),
+               ("$", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""), ("\\%", ""), ("%", "")]
+UNIT_WORDS = r"[a-zA-Z]+(?: [a-zA-Z]+)*"
 
 
 def normalise_answer(answer):
     """Strip the notation that does not change an answer's meaning (money, degrees, spacing, units...)."""
     s = unicodedata.normalize("NFKC", answer).replace("\u2212", "-")
     s = re.sub(r"\\(left|right)(?![a-zA-Z])", "", s)
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # a LaTeX space, but not the end of a row break \\
     for old, new in LATEX_NOISE:
         s = s.replace(old, new)
     s = s.strip().rstrip(".").strip()
-    s = re.sub(r"^\\(?:text|textbf|mbox|mathrm)\{(.*)\}$", r"\1", s).strip()  # whole answer wrapped
+    s = re.sub(r"^\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}$", r"\1", s).strip()  # whole answer wrapped
     s = re.sub(r"^[a-zA-Z]\s*(=|\\in)\s*", "", s)  # "x = 5", "x \in [0, 1]"
-    number = r"[-+]?[\d.,]+"
-    s = re.sub(rf"^({number})\s*\\(?:text|mbox|mathrm)\{{\s*[a-zA-Z ]+\}}$", r"\1", s)  # 180\text{ miles}
-    s = re.sub(rf"^({number})\s+[a-zA-Z]+(?: [a-zA-Z]+)*$", r"\1", s)  # 180 miles
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(rf"(?<=\S)\s*\\(?:text|mbox|mathrm)\{{\s*{UNIT_WORDS}\s*\}}(\^\{{?\d\}}?)?$", "", s)  # 12\text{ feet}
+    s = re.sub(rf"^([-+]?[\d.,]+)\s+(?!.*\b(?:and|or)\b){UNIT_WORDS}$", r"\1", s)  # 180 miles
+    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12, \frac 18
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt3
     return re.sub(r"\s+", " ", s).strip()
 
 
+GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+PLAIN_NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)(e[-+]?\d{1,3})?", re.IGNORECASE)  # unambiguous: no backtracking
+
+
 def parse_number(s):
-    """An exact Fraction for integers, decimals, a/b, \\frac{a}{b}, mixed numbers, a\\times10^k; else None."""
+    """An exact Fraction for integers, decimals, a/b, \\frac{a}{b}, mixed numbers 12\\frac{3}{5},
+    a\\times10^{k} and 1.5e3 (commas only as thousands separators: 1,000 but not 1,5); else None."""
     s = s.replace(" ", "")
-    if GROUPED_NUMBER.fullmatch(s):  # 1,000 but not 1,5
+    if GROUPED_NUMBER.fullmatch(s):
         s = s.replace(",", "")
     sign = -1 if s.startswith("-") else 1
     body = s[1:] if s[:1] in "+-" else s
@@ -551,32 +568,258 @@ def parse_number(s):
     m = re.fullmatch(r"(\d+)/(\d+)", body) or re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", body)
     if m and int(m.group(2)) != 0:
         return sign * Fraction(int(m.group(1)), int(m.group(2)))
-    m = re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", body)  # mixed number 12\frac{3}{5}
+    m = re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", body)
     if m and int(m.group(3)) != 0:
         return sign * (int(m.group(1)) + Fraction(int(m.group(2)), int(m.group(3))))
-    m = re.fullmatch(r"(\d+\.?\d*)(?:\\times|\\cdot)10\^\{?(-?\d{1,3})\}?", body)
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)(?:\\times|\\cdot)10\^\{?(-?\d{1,3})\}?", body)
     if m:
         return sign * Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
     return None
 
 
-def canonical_answer(answer):
-    """A hashable key: two answers are equivalent exactly when their keys are equal.
+def terminates(fraction):
+    """True when the fraction has a finite decimal expansion (its denominator is 2^a 5^b)."""
+    q = fraction.denominator
+    for p in (2, 5):
+        while q % p == 0:
+            q //= p
+    return q == 1
 
-    Numbers become exact fractions ("0.5", "\\frac{1}{2}", "1/2" share a key); everything else
-    is compared as normalised text without spaces. None stays None (no answer).
-    Policy: unreduced fractions equal reduced ones; 25% equals 25 (the % is dropped), not 0.25.
+
+def snap_long_decimal(text, value):
+    """0.333333 -> 1/3: a decimal of 6+ significant digits becomes the simplest fraction within
+    one unit of its last digit, when that fraction does not terminate (else it stays exact)."""
+    m = re.fullmatch(r"[-+]?(\d*)\.(\d+)", text.replace(" ", ""))
+    if not m or len((m.group(1) + m.group(2)).lstrip("0")) < 6:
+        return value
+    unit = Fraction(1, 10 ** len(m.group(2)))
+    for q in range(2, 1001):
+        candidate = Fraction(round(value * q), q)
+        if abs(candidate - value) <= unit:
+            return candidate if not terminates(candidate) else value
+    return value
+
+
+def split_top_level(s, separator):
+    """Split on separator where no bracket is open: '(1,2),3' -> ['(1,2)', '3']."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        if s[i] in "([{":
+            depth += 1
+        elif s[i] in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(separator, i):
+            parts.append(s[start:i])
+            start = i + len(separator)
+            i = start
+            continue
+        i += 1
+    return [p.strip() for p in parts + [s[start:]]]
+
+
+def encloses(s):
+    """True when s's first bracket closes at its last character: '(1,2)' yes, '(1)(2)' no."""
+    depth = 0
+    for i, char in enumerate(s):
+        depth += (char in "([{") - (char in ")]}")
+        if depth == 0:
+            return i == len(s) - 1
+    return False
+
+
+# A tiny evaluator for \sqrt, \pi, \frac, + - * / ^, brackets and one-letter variables: enough to see
+# that 2\sqrt{2} is \sqrt{8}. It walks a whitelist of tokens (nothing else is accepted), caps the
+# input length and exponent sizes, and evaluates variables at fixed points.
+EXPRESSION_TOKEN = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+|\\pi|\\sqrt|\\frac|\\cdot|\\times|[a-zA-Z]|[-+*/^(){}])")
+VARIABLE_POINTS = (Fraction(7, 5), Fraction(-3, 11), Fraction(13, 4))
+
+
+class NotAnExpression(Exception):
+    pass
+
+
+def tokenize_expression(s):
+    tokens, i = [], 0
+    while i < len(s):
+        m = EXPRESSION_TOKEN.match(s, i)
+        if not m:
+            if s[i:].strip():
+                raise NotAnExpression(s[i:])
+            break
+        tokens.append(m.group(1))
+        i = m.end()
+    return tokens
+
+
+def evaluate_expression(tokens, variables):
+    """Value of a tokenised expression (a Fraction when exact, else a float)."""
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take(expected=None):
+        nonlocal pos
+        token = peek()
+        if token is None or (expected and token != expected):
+            raise NotAnExpression(f"expected {expected}")
+        pos += 1
+        return token
+
+    def arithmetic(op, a, b):
+        if isinstance(a, Fraction) and isinstance(b, Fraction):
+            return op(a, b)
+        return op(float(a), float(b))
+
+    def power(base, exponent):
+        if isinstance(exponent, Fraction) and exponent.denominator == 1 and abs(exponent) <= 64:
+            if isinstance(base, Fraction):
+                size = max(abs(base.numerator), base.denominator).bit_length()
+                if size * abs(exponent) > 4096 or (base == 0 and exponent < 0):
+                    raise NotAnExpression("power too large")
+                return base ** int(exponent)
+        if float(base) <= 0 or abs(float(exponent)) > 64:
+            raise NotAnExpression("power out of range")
+        return float(base) ** float(exponent)
+
+    def sqrt(x):
+        if x < 0:
+            raise NotAnExpression("negative square root")
+        if isinstance(x, Fraction):
+            n, d = math.isqrt(x.numerator), math.isqrt(x.denominator)
+            if n * n == x.numerator and d * d == x.denominator:
+                return Fraction(n, d)
+        return math.sqrt(x)
+
+    def atom():
+        token = take()
+        if token in ("(", "{"):
+            value = expression()
+            take(")" if token == "(" else "}")
+            return value
+        if token == "\\pi":
+            return math.pi
+        if token == "\\sqrt":
+            return sqrt(atom())
+        if token == "\\frac":
+            numerator, denominator = atom(), atom()
+            if denominator == 0:
+                raise NotAnExpression("division by zero")
+            return arithmetic(lambda a, b: a / b, numerator, denominator)
+        if token[0].isdigit() or token[0] == ".":
+            return Fraction(token)
+        if token.isalpha() and len(token) == 1:
+            return variables[token]
+        raise NotAnExpression(token)
+
+    def factor():
+        if peek() in ("-", "+"):
+            sign = -1 if take() == "-" else 1
+            return arithmetic(lambda a, b: a * b, Fraction(sign), factor())
+        base = atom()
+        if peek() == "^":
+            take()
+            return power(base, factor())
+        return base
+
+    def term():
+        value = factor()
+        while peek() is not None and peek() not in ("+", "-", ")", "}"):
+            op = take() if peek() in ("*", "/", "\\cdot", "\\times") else "*"  # 2\sqrt{2}: implicit product
+            right = factor()
+            if op == "/" and right == 0:
+                raise NotAnExpression("division by zero")
+            value = arithmetic((lambda a, b: a / b) if op == "/" else (lambda a, b: a * b), value, right)
+        return value
+
+    def expression():
+        value = term()
+        while peek() in ("+", "-"):
+            op = take()
+            value = arithmetic((lambda a, b: a + b) if op == "+" else (lambda a, b: a - b), value, term())
+        return value
+
+    value = expression()
+    if pos != len(tokens):
+        raise NotAnExpression("trailing tokens")
+    return value
+
+
+def settle(value):
+    """An exact Fraction stays; a float becomes the simple fraction it equals to 12 digits (so
+    \\sqrt{2}\\sqrt{2} is the number 2), or else the float rounded to 10 significant digits."""
+    if isinstance(value, Fraction):
+        return value
+    if not math.isfinite(value):
+        raise NotAnExpression("not finite")
+    simple = Fraction(value).limit_denominator(1000)
+    if abs(float(simple) - value) <= 1e-12 * max(1.0, abs(value)):
+        return simple
+    return float(f"{value:.10g}")
+
+
+def expression_key(s):
+    if len(s) > 200 or re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-zA-Z]+", "", s)):
+        return None  # long input, or words rather than a product of one-letter variables
+    try:
+        tokens = tokenize_expression(s)
+        names = sorted({t for t in tokens if t.isalpha() and len(t) == 1})
+        if not tokens or len(names) > 3:
+            return None
+        values = []
+        for point in VARIABLE_POINTS[:1 if not names else None]:
+            variables = {name: point + i for i, name in enumerate(names)}
+            values.append(settle(evaluate_expression(tokens, variables)))
+    except (NotAnExpression, ZeroDivisionError, OverflowError, ValueError):
+        return None
+    if not names:
+        return ("number", values[0]) if isinstance(values[0], Fraction) else ("value", values[0])
+    return ("expression", tuple(names), tuple(values))
+
+
+def canonical_key(s):
+    """Canonical key of a normalised answer: nested tuples, equal exactly when the answers are."""
+    if not s:
+        return None
+    if len(s) > 1000:  # too long to be a structured answer: compare as text, and never recurse deeply
+        return ("text", s.replace(" ", ""))
+    choice = re.fullmatch(r"\(?([A-E])\)", s) or re.fullmatch(r"([A-E])", s)
+    if choice:
+        return ("choice", choice.group(1))
+    matrix = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, re.DOTALL)
+    if matrix:
+        rows = [split_top_level(row, "&") for row in split_top_level(matrix.group(1), "\\\\")]
+        return ("matrix", tuple(tuple(canonical_answer(cell) for cell in row) for row in rows if row != [""]))
+    parts = split_top_level(s, "\\cup")
+    if len(parts) > 1:  # a union of intervals or sets, in any order
+        return ("union", tuple(sorted((canonical_answer(p) for p in parts), key=repr)))
+    if s.startswith("\\{") and s.endswith("\\}") and encloses("{" + s[2:-2] + "}"):  # \{1, 2\} is the set {1, 2}
+        return ("set", tuple(sorted((canonical_answer(p) for p in split_top_level(s[2:-2], ",")), key=repr)))
+    if s[0] in "([" and s[-1] in ")]" and encloses(s):
+        elements = split_top_level(s[1:-1], ",")
+        if len(elements) > 1:  # tuples and intervals: in order, brackets must match
+            return ("tuple", s[0], s[-1], tuple(canonical_answer(e) for e in elements))
+    number = parse_number(s)
+    if number is not None:
+        return ("number", snap_long_decimal(s, number))
+    elements = split_top_level(s, ",")
+    if len(elements) > 1:  # a bare list of answers ("1, 2"): order does not matter
+        return ("set", tuple(sorted((canonical_answer(e) for e in elements), key=repr)))
+    evaluated = expression_key(s)
+    if evaluated is not None:
+        return evaluated
+    text = s.replace(" ", "")
+    return ("text", text.lower() if re.fullmatch(r"[A-Za-z]{2,}", text) else text)
+
+
+def canonical_answer(answer):
+    """A hashable key: two answers are equivalent exactly when their keys are equal; None for no answer.
+
+    Example: "0.5", "\\frac{1}{2}", "1/2" and "$0.50" all give ("number", Fraction(1, 2)).
     """
     if answer is None:
         return None
-    s = normalise_answer(answer)
-    number = parse_number(s)
-    if number is not None:
-        return f"number:{number}"
-    text = s.replace(" ", "")
-    if re.fullmatch(r"[A-Za-z]+", text):
-        text = text.lower()
-    return f"text:{text}" if text else None
+    return canonical_key(normalise_answer(answer)) or canonical_key(answer.strip())
 
 
 def is_equiv(pred, gold):
