@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -69,19 +70,28 @@ def build_parser():
     g.add_argument("--data-dir", default=os.environ.get("EAST_DATA_DIR"),
                    help="folder with gsm8k/{train,test}.jsonl and math/{train,test}.jsonl; "
                         "nothing is downloaded when set (env EAST_DATA_DIR)")
-    g.add_argument("--train-size", type=int, default=None, help="use the first N training questions (default all)")
-    g.add_argument("--eval-size", type=int, default=None, help="use the first N test questions (default all)")
+    g.add_argument("--train-size", type=int, default=None, help="use only the first N training questions (None: all)")
+    g.add_argument("--eval-size", type=int, default=None, help="use only the first N test questions (None: all)")
     g = p.add_argument_group("sampling (step 1)")
     g.add_argument("--num-samples", type=int, default=8, help="n, reasoning paths sampled per question")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     g.add_argument("--max-new-tokens", type=int, default=512, help="length limit of each path")
     g.add_argument("--gen-batch-size", type=int, default=8, help="questions per generate() call")
+    g.add_argument("--samples", default=None, help="start from the samples.jsonl of an earlier run (same questions and n)")
     g = p.add_argument_group("weighting (step 5)")
-    g.add_argument("--alpha", type=float, default=1.0, help="exponent a of the mapping f(H); 0 = vanilla")
+    g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
+                   help="exponent a of the mapping f; 0 = vanilla; several values sweep a on one sample set")
     g.add_argument("--mapping", choices=["power", "exp"], default="power",
-                   help="f(H) = H^a (power) or exp(a*H) (exp)")
+                   help="f(u) = u^a (power) or exp(a*u) (exp)")
+    g.add_argument("--weighting", choices=["entropy", "accuracy", "rejected"], default="entropy",
+                   help="uncertainty u fed to f: entropy H (EAST), 1 - accuracy A or rejected share R (ablations)")
     g = p.add_argument_group("training (step 6)")
+    g.add_argument("--loss", choices=["sft", "dpo", "kto"], default="sft", help="self-training objective, weighted by w_i")
+    g.add_argument("--beta", type=float, default=0.01, help="DPO/KTO beta: how far the policy may move from the reference")
+    g.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D, weight of correct paths")
+    g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, weight of wrong paths")
+    g.add_argument("--iterations", type=int, default=1, help="rounds of iterative self-training (resample, retrain)")
     g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
     g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
     g.add_argument("--batch-size", type=int, default=16, help="effective batch B (examples per optimiser step)")
@@ -90,16 +100,24 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
+    g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
     g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
     g.add_argument("--save-model", action="store_true", help="write the trained model to OUTPUT_DIR/model")
     return p
 
 
 def check_args(args):
-    if not math.isfinite(args.alpha):
-        raise UsageError(f"--alpha must be a finite number, got {args.alpha}")
+    for alpha in args.alpha:
+        if not math.isfinite(alpha):
+            raise UsageError(f"--alpha must be a finite number, got {alpha}")
+    for flag in ("beta", "desirable_weight", "undesirable_weight"):
+        value = getattr(args, flag)
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+    if args.eval_samples < 0:
+        raise UsageError(f"--eval-samples must be 0 or more, got {args.eval_samples}")
     for flag in ("num_samples", "max_new_tokens", "gen_batch_size", "epochs", "batch_size",
-                 "micro_batch_size", "train_size", "eval_size"):
+                 "micro_batch_size", "train_size", "eval_size", "iterations"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -409,7 +427,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], generated
 
 
-def read_records(path, questions):
+def read_records(path, questions, num_samples):
     """Finished records of an earlier, possibly interrupted run, keyed by question id.
 
     A last line cut off mid-write is dropped from the file (its question is redone);
@@ -433,6 +451,9 @@ def read_records(path, questions):
         if question is not None and record.get("question") != question["question"]:
             raise UsageError(f"{path} holds samples of other questions than this --dataset's; "
                              f"use a new --output-dir")
+        if len(record.get("responses", [])) != num_samples:
+            raise UsageError(f"{path} line {number} has {len(record.get('responses', []))} samples, not "
+                             f"--num-samples {num_samples}; use matching flags or a new --output-dir")
         records[record.get("id")] = record
     return records
 
@@ -447,7 +468,7 @@ def append_records(path, records):
 
 def sample_responses(model, tokenizer, questions, args, path):
     """Step 1: n responses per question, appended to samples.jsonl batch by batch (resumable)."""
-    done = read_records(path, questions)
+    done = read_records(path, questions, args.num_samples)
     todo = [q for q in questions if q["id"] not in done]
     print(f"sampling: n={args.num_samples} per question, {len(questions) - len(todo)} of {len(questions)} "
           f"questions already in {path}, {len(todo)} to go")
@@ -887,20 +908,36 @@ def entropy_weights(entropies, alpha, mapping="power"):
 # -----------------------------------------------------------------------------
 # Training set (steps 2-5 applied to every sampled question)
 
+# The uncertainty u(x_i) fed to the mapping f: EAST's entropy, or the paper's two ablations.
+UNCERTAINTY = {
+    "entropy": lambda s: s["entropy"],  # H(x_i)
+    "accuracy": lambda s: 1 - s["accuracy"],  # 1 - A(x_i), A = share of correct samples
+    "rejected": lambda s: s["rejected_share"],  # R(x_i), share of the most common wrong answer
+}
 
-def score_questions(records, args):
-    """Per question: answers, clusters, H and correctness; weights for the kept ones (steps 2-5)."""
-    rng = random.Random(args.seed)
+
+def score_questions(records, alpha, args):
+    """Per question: answers, clusters, H, the share of correct samples A and of the most common wrong
+    answer R, a correct path (chosen) and a path of the most common wrong answer (rejected);
+    for the kept questions also the weight w_i = f(u_i) / mean_j f(u_j) (steps 2-5)."""
+    rng = random.Random(args.seed)  # the same paths for every alpha: sweeps differ only in w
     scored = []
     for r in records:
+        n = len(r["responses"])
         answers = [extract_answer(text, r["style"]) for text in r["responses"]]
-        correct = [i for i, a in enumerate(answers) if is_equiv(a, r["gold"])]
+        correct = {i for i, a in enumerate(answers) if is_equiv(a, r["gold"])}
+        keys = [canonical_answer(a) or NO_ANSWER for a in answers]
+        wrong = Counter(keys[i] for i in range(n) if i not in correct).most_common(1)  # unanswered counts as wrong
+        rejected = [i for i in range(n) if wrong and keys[i] == wrong[0][0]]
         scored.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "answers": answers,
                        "clusters": cluster_answers(answers), "entropy": answer_entropy(answers),
+                       "accuracy": len(correct) / n, "rejected_share": wrong[0][1] / n if wrong else 0.0,
                        "num_correct": len(correct), "kept": bool(correct),
-                       "response": r["responses"][rng.choice(correct)] if correct else None})
+                       "chosen": r["responses"][rng.choice(sorted(correct))] if correct else None,
+                       "rejected": r["responses"][rng.choice(rejected)] if rejected else None})
     kept = [s for s in scored if s["kept"]]
-    for s, w in zip(kept, entropy_weights([s["entropy"] for s in kept], args.alpha, args.mapping)):
+    uncertainty = [UNCERTAINTY[args.weighting](s) for s in kept]
+    for s, w in zip(kept, entropy_weights(uncertainty, alpha, args.mapping)):
         s["weight"] = w
     return scored
 
@@ -912,68 +949,182 @@ def tokenize_example(tokenizer, question, response):
     return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
 
 
-def collate(examples, pad_id, device):
-    """Right-pad to the longest example: padding gets attention 0 and label -100."""
-    width = max(len(e["input_ids"]) for e in examples)
+def build_examples(tokenizer, scored, loss):
+    """Training examples for the objective, each carrying its question's weight w_i.
+
+    sft: the chosen path. dpo: the pair (chosen, rejected); questions without a wrong answer have
+    no pair. kto: chosen and rejected paths unpaired (desirable / undesirable), each with a
+    mismatched partner, the prompt with another example's response, for KTO's reference point z0.
+    """
+    kept = [s for s in scored if s["kept"]]
+    if loss == "sft":
+        return [{"sequence": tokenize_example(tokenizer, s["question"], s["chosen"]), "weight": s["weight"]}
+                for s in kept]
+    paired = [s for s in kept if s["rejected"] is not None]
+    print(f"{loss}: {len(kept) - len(paired)} of {len(kept)} kept questions have no wrong answer to reject")
+    if loss == "dpo":
+        return [{"chosen": tokenize_example(tokenizer, s["question"], s["chosen"]),
+                 "rejected": tokenize_example(tokenizer, s["question"], s["rejected"]), "weight": s["weight"]}
+                for s in paired]
+    items = [(s, s["chosen"], True) for s in kept] + [(s, s["rejected"], False) for s in paired]
+    partners = items[1:] + items[:1]
+    return [{"sequence": tokenize_example(tokenizer, s["question"], response), "desirable": desirable,
+             "mismatched": tokenize_example(tokenizer, s["question"], other), "weight": s["weight"]}
+            for (s, response, desirable), (_, other, _) in zip(items, partners)]
+
+
+def collate(sequences, pad_id, device):
+    """Right-pad to the longest sequence: padding gets attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in sequences)
     def pad(seq, value):
         return seq + [value] * (width - len(seq))
-    return {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples], device=device),
-            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples], device=device),
-            "labels": torch.tensor([pad(e["labels"], -100) for e in examples], device=device),
-            "weights": torch.tensor([e["weight"] for e in examples], dtype=torch.float32, device=device)}
+    return {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in sequences], device=device),
+            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in sequences], device=device),
+            "labels": torch.tensor([pad(e["labels"], -100) for e in sequences], device=device)}
 
 
 # -----------------------------------------------------------------------------
-# Weighted loss (step 6)
+# Weighted losses (step 6): SFT, and the paper's DPO and KTO variants
+
+
+def token_logprobs(logits, labels):
+    """log pi(token t+1 | tokens up to t), and the mask of response positions: (B, T-1) each.
+    logits (B, T, V); labels (B, T) aligned with the inputs, -100 where no loss is taken."""
+    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    logps = -F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    return logps, labels != -100
+
+
+def sequence_logprobs(logits, labels):
+    """log pi(y | x): the sum over each sequence's response tokens, (B,)."""
+    logps, mask = token_logprobs(logits, labels)
+    return (logps * mask).sum(1)
 
 
 def weighted_sft_loss(logits, labels, weights, num_examples=None):
     """sum_i w_i * (mean CE over example i's response tokens) / num_examples.
 
-    logits (B, T, V), labels (B, T) aligned with the inputs and -100 where no loss is taken,
-    weights (B,). Each sequence is averaged over its own response tokens first, so w_i scales
-    exactly one example (the authors' code weighted a batch-averaged loss instead). num_examples
-    is the effective batch size: dividing by it, not by the micro-batch, makes the gradient
-    independent of how the effective batch is split for accumulation.
+    Each sequence is averaged over its own response tokens first, so w_i scales exactly one example
+    (the authors' code weighted a batch-averaged loss instead). num_examples is the effective batch
+    size: dividing by it, not by the micro-batch, makes the gradient independent of how the
+    effective batch is split for accumulation.
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
-    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # (B, T-1)
-    mask = labels != -100
-    per_example = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+    logps, mask = token_logprobs(logits, labels)
+    per_example = -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
     return (weights * per_example).sum() / (num_examples or len(weights))
+
+
+def weighted_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, weights, beta,
+                      num_examples=None):
+    """sum_i w_i * -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)) / num_examples.
+    Every argument but beta is (B,): sequence log-probabilities of the policy and the frozen reference."""
+    margin = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    return (weights * -F.logsigmoid(margin)).sum() / (num_examples or len(weights))
+
+
+def weighted_kto_loss(policy, reference, desirable, reference_point, weights, beta, desirable_weight=1.0,
+                      undesirable_weight=1.0, num_examples=None):
+    """sum_i w_i * (lambda_y - v(x_i, y_i)) / num_examples, KTO's loss with the reward r = log pi - log pi_ref:
+    v = lambda_D * sigmoid(beta * (r - z0)) for desirable y, lambda_U * sigmoid(beta * (z0 - r)) otherwise.
+    policy, reference, desirable (bool), weights: (B,); reference_point z0: a float."""
+    reward = policy - reference
+    value = torch.where(desirable, desirable_weight * torch.sigmoid(beta * (reward - reference_point)),
+                        undesirable_weight * torch.sigmoid(beta * (reference_point - reward)))
+    scale = torch.where(desirable, torch.tensor(desirable_weight), torch.tensor(undesirable_weight))
+    return (weights * (scale - value)).sum() / (num_examples or len(weights))
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 
 GRAD_CLIP = 1.0  # the max-norm the authors' trainer (Hugging Face Trainer) used by default
+REFERENCE_FIELDS = {"sft": (), "dpo": ("chosen", "rejected"), "kto": ("sequence", "mismatched")}
 
 
-def accumulate_gradients(model, examples, micro_batch_size, pad_id):
-    """Forward and backward one effective batch in micro-batches; returns (loss, tokens)."""
+def forward(model, sequences, pad_id):
+    """(logits, labels, tokens) of a padded batch of tokenised sequences."""
     device = next(model.parameters()).device
-    total_loss, tokens = 0.0, 0
+    batch = collate(sequences, pad_id, device)
+    with autocast(device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits, batch["labels"], int(batch["attention_mask"].sum())
+
+
+@torch.inference_mode()
+def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
+    """DPO and KTO compare with the frozen starting model: its sequence log-probabilities are computed
+    once, before training, so no second copy of the model is held in memory."""
+    model.eval()
+    for field in REFERENCE_FIELDS[loss]:
+        for start in range(0, len(examples), micro_batch_size):
+            batch = examples[start:start + micro_batch_size]
+            logits, labels, _ = forward(model, [e[field] for e in batch], pad_id)
+            for e, logp in zip(batch, sequence_logprobs(logits, labels).tolist()):
+                e[f"reference_{field}"] = logp
+
+
+@torch.no_grad()
+def kto_reference_point(model, examples, micro_batch_size, pad_id):
+    """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
+    a mismatched response (KTO paper). No gradient flows through it; computed over the whole effective
+    batch before any micro-batch, so accumulation does not change it."""
+    gaps = []
     for start in range(0, len(examples), micro_batch_size):
-        batch = collate(examples[start:start + micro_batch_size], pad_id, device)
-        with autocast(device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = weighted_sft_loss(logits, batch["labels"], batch["weights"], num_examples=len(examples))
+        batch = examples[start:start + micro_batch_size]
+        logits, labels, _ = forward(model, [e["mismatched"] for e in batch], pad_id)
+        gaps += (sequence_logprobs(logits, labels).cpu() - torch.tensor([e["reference_mismatched"] for e in batch])).tolist()
+    return max(0.0, sum(gaps) / len(gaps))
+
+
+def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=None):
+    """The weighted loss of a few examples, divided by the effective batch size; returns (loss, tokens)."""
+    device = next(model.parameters()).device
+    weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32, device=device)
+    def reference(field):
+        return torch.tensor([e[f"reference_{field}"] for e in batch], device=device)
+    if args.loss == "sft":
+        logits, labels, tokens = forward(model, [e["sequence"] for e in batch], pad_id)
+        return weighted_sft_loss(logits, labels, weights, num_examples), tokens
+    if args.loss == "dpo":  # chosen and rejected in one forward pass: (2B, T)
+        logits, labels, tokens = forward(model, [e["chosen"] for e in batch] + [e["rejected"] for e in batch], pad_id)
+        policy = sequence_logprobs(logits, labels)
+        loss = weighted_dpo_loss(policy[:len(batch)], policy[len(batch):], reference("chosen"), reference("rejected"),
+                                 weights, args.beta, num_examples)
+        return loss, tokens
+    logits, labels, tokens = forward(model, [e["sequence"] for e in batch], pad_id)
+    desirable = torch.tensor([e["desirable"] for e in batch], device=device)
+    loss = weighted_kto_loss(sequence_logprobs(logits, labels), reference("sequence"), desirable, reference_point,
+                             weights, args.beta, args.desirable_weight, args.undesirable_weight, num_examples)
+    return loss, tokens
+
+
+def accumulate_gradients(model, examples, args, pad_id):
+    """Forward and backward one effective batch in micro-batches; returns (loss, tokens)."""
+    reference_point = None
+    if args.loss == "kto":
+        reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(examples), args.micro_batch_size):
+        batch = examples[start:start + args.micro_batch_size]
+        loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
         loss.backward()
         total_loss += loss.item()
-        tokens += int(batch["attention_mask"].sum())
-    return total_loss, tokens
+        total_tokens += tokens
+    return total_loss, total_tokens
 
 
 def train(model, tokenizer, examples, args, log_path):
     """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step."""
     from transformers import get_linear_schedule_with_warmup
+    if args.loss != "sft":
+        add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
     model.train()
     rng = random.Random(args.seed)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
-    print(f"training: {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
+    print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
           f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}")
     step, tokens_total, start_time = 0, 0, time.time()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -983,7 +1134,7 @@ def train(model, tokenizer, examples, args, log_path):
             for first in range(0, len(order), args.batch_size):
                 batch = [examples[i] for i in order[first:first + args.batch_size]]
                 step_start = time.time()
-                loss, tokens = accumulate_gradients(model, batch, args.micro_batch_size, tokenizer.pad_token_id)
+                loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
@@ -1004,9 +1155,10 @@ def train(model, tokenizer, examples, args, log_path):
 
 
 def evaluate(model, tokenizer, questions, args, path, label):
-    """Greedy accuracy; one prediction per line in path, written as each batch finishes."""
+    """Greedy accuracy, plus maj@k and pass@k with --eval-samples k; one line per question in path.
+    Returns (report, generated tokens)."""
     model.eval()
-    correct, tokens = 0, 0
+    rows, tokens = [], 0
     path.unlink(missing_ok=True)  # predictions always belong to the model evaluated now
     order = sorted(questions, key=lambda q: len(q["question"]))
     per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
@@ -1014,22 +1166,50 @@ def evaluate(model, tokenizer, questions, args, path, label):
         for start in range(0, len(order), per_call):
             batch = order[start:start + per_call]
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            responses, generated = generate(model, tokenizer, prompts, 1, args, greedy=True)
-            rows = []
-            for q, (response,) in zip(batch, responses):
-                answer = extract_answer(response, q["style"])
-                ok = is_equiv(answer, q["gold"])
-                correct += ok
-                rows.append({"id": q["id"], "question": q["question"], "gold": q["gold"],
-                             "response": response, "answer": answer, "correct": ok})
-            append_records(path, rows)
+            greedy, generated = generate(model, tokenizer, prompts, 1, args, greedy=True)
             tokens += generated
+            sampled = [None] * len(batch)
+            if args.eval_samples:
+                torch.manual_seed(args.seed * 1_000_003 + start)
+                sampled, generated = generate(model, tokenizer, prompts, args.eval_samples, args)
+                tokens += generated
+            new_rows = []
+            for q, (response,), samples in zip(batch, greedy, sampled):
+                answer = extract_answer(response, q["style"])
+                row = {"id": q["id"], "question": q["question"], "gold": q["gold"], "response": response,
+                       "answer": answer, "correct": is_equiv(answer, q["gold"]),
+                       **{k: q[k] for k in ("level", "subject") if k in q}}
+                if samples is not None:
+                    answers = [extract_answer(t, q["style"]) for t in samples]
+                    majority = next((a for a, _ in cluster_answers(answers) if a != NO_ANSWER), None)
+                    row.update(samples=samples, sample_answers=answers, majority_correct=is_equiv(majority, q["gold"]),
+                               any_correct=any(is_equiv(a, q["gold"]) for a in answers))
+                new_rows.append(row)
+            append_records(path, new_rows)
+            rows += new_rows
             bar.update(len(batch))
-    return correct / len(questions), correct, tokens
+    return accuracy_report(rows, args.eval_samples), tokens
+
+
+def accuracy_report(rows, k=0):
+    """Accuracy (and maj@k, pass@k) over prediction rows, also per MATH level and subject when known."""
+    def share(flags):
+        flags = list(flags)
+        return sum(flags) / len(flags)
+    report = {"accuracy": share(r["correct"] for r in rows), "correct": sum(r["correct"] for r in rows),
+              "total": len(rows)}
+    if k:
+        report[f"maj@{k}"] = share(r["majority_correct"] for r in rows)
+        report[f"pass@{k}"] = share(r["any_correct"] for r in rows)
+    for field in ("level", "subject"):
+        groups = sorted({r[field] for r in rows if field in r})
+        if groups:
+            report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r.get(field) == g) for g in groups}
+    return report
 
 
 # -----------------------------------------------------------------------------
-# Main
+# One round of self-training, and the charts
 
 
 def describe(values):
@@ -1047,26 +1227,129 @@ def worked_example(scored, n):
             "entropy": s["entropy"], "weight": s["weight"]}
 
 
-def print_summary(results):
-    r = results
-    n = r["config"]["num_samples"]
-    e, w = r["entropy"], r["weights"]
-    phase_rows = "\n".join(f"  {name:<15}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
-                           for name, p in r["phases"].items())
-    ex = r["example"]
-    clusters = ", ".join(f"{a!r} x{c}" for a, c in ex["clusters"])
-    delta = 100 * (r["accuracy"]["trained"] - r["accuracy"]["backbone"])
+def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, out, phase):
+    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate."""
+    scored = score_questions(records, alpha, args)
+    with open(out / f"weights_{tag}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
+    kept = [s for s in scored if s["kept"]]
+    print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
+    if not kept:
+        raise UsageError(f"no training question has a correct sample (all {len(scored)} dropped; samples are in "
+                         f"{out}); use a larger --num-samples, easier data or a stronger --model")
+    weights = [s["weight"] for s in kept]
+    print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}): min {min(weights):.2f} "
+          f"max {max(weights):.2f}")
+    examples = build_examples(tokenizer, scored, args.loss)
+    if not examples:
+        raise UsageError(f"--loss {args.loss} needs questions with both a correct and a wrong sample, and none has; "
+                         f"use --loss sft or a larger --num-samples")
+    tokens, seconds = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
+    phase(f"train {tag}", seconds, tokens)
+    if args.save_model:
+        model.save_pretrained(out / f"model_{tag}")
+        tokenizer.save_pretrained(out / f"model_{tag}")
+        print(f"saved the trained model to {out / f'model_{tag}'}")
+    t = time.time()
+    evaluation, tokens = evaluate(model, tokenizer, test_questions, args, out / f"predictions_{tag}.jsonl", tag)
+    phase(f"eval {tag}", time.time() - t, tokens)
+    print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% ({evaluation['correct']}/{evaluation['total']})")
+    entropies = [s["entropy"] for s in scored]
+    partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
+    return {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
+            "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
+                       "partial_agreement": partial},
+            "entropy": describe(entropies), "weights": describe(weights), "example": worked_example(scored, args.num_samples),
+            "entropies": entropies, "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
+
+
+def text_bars(title, labels, values, width=40):
+    """A horizontal bar chart in plain text."""
+    top = max(values, default=0) or 1
+    return "\n".join([title] + [f"  {label:>12} | {'#' * round(width * v / top):<{width}} {v:.3g}"
+                                for label, v in zip(labels, values)])
+
+
+def draw_charts(report, out):
+    """The paper's pictures for this run: entropy histogram, weight against uncertainty, accuracy per
+    alpha (Figure 3) and per iteration (Figure 4). PNGs when matplotlib is installed, text otherwise."""
+    config, backbone = report["config"], report["backbone"]["accuracy"]
+    last = {r["alpha"]: r for r in report["rounds"]}  # each alpha's final round
+    histogram = sorted(Counter(round(h, 2) for h in report["entropies"]).items())
+    charts = [  # (file, x label, y label, [(series label, xs, ys)])
+        ("entropy_histogram", f"entropy H (bits), n = {config['num_samples']}", "questions",
+         [("questions", [h for h, _ in histogram], [c for _, c in histogram])]),
+        ("weights", f"uncertainty u ({config['weighting']})", "weight w",
+         [(f"a={a:g}", *zip(*sorted(set((round(u, 3), round(w, 3)) for u, w in r["points"]))))
+          for a, r in last.items()]),
+        ("accuracy_by_alpha", "alpha", "accuracy",
+         [("trained", list(last), [r["evaluation"]["accuracy"] for r in last.values()]),
+          ("backbone", list(last), [backbone] * len(last))]),
+    ]
+    if config["iterations"] > 1:
+        charts.append(("accuracy_by_iteration", "iteration", "accuracy",
+                       [(f"a={a:g}", list(range(config["iterations"] + 1)),
+                         [backbone] + [r["evaluation"]["accuracy"] for r in report["rounds"] if r["alpha"] == a])
+                        for a in last]))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        for name, xlabel, ylabel, series in charts:
+            for label, xs, ys in series:
+                print(text_bars(f"{name} [{label}]: {ylabel} by {xlabel}", [f"{x:g}" for x in xs], ys))
+        return
+    for name, xlabel, ylabel, series in charts:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, xs, ys in series:
+            if name == "entropy_histogram":
+                ax.bar(xs, ys, width=0.05)
+            else:
+                ax.plot(xs, ys, "--" if label == "backbone" else "o-", label=label)
+                ax.legend()
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=100)
+        plt.close(fig)
+    print(f"charts: {', '.join(c[0] + '.png' for c in charts)} in {out}")
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def print_summary(report):
+    config, backbone = report["config"], report["backbone"]
+    n, k = config["num_samples"], config["eval_samples"]
+    first = report["rounds"][0]
+    e, c, ex = first["entropy"], first["counts"], first["example"]
+    clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
+    extra = lambda ev: f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
+    rounds = "\n".join(f"  {r['tag']:<22}{r['counts']['kept']:5d} kept {100 * r['evaluation']['accuracy']:6.1f}% "
+                       f"({100 * (r['evaluation']['accuracy'] - backbone['accuracy']):+.1f}){extra(r['evaluation'])}"
+                       for r in report["rounds"])
+    breakdown = ""
+    for field in ("level", "subject"):
+        if f"by_{field}" in backbone:
+            last = report["rounds"][-1]["evaluation"][f"by_{field}"]
+            breakdown += f"\nby {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
+                                                         for g, a in backbone[f"by_{field}"].items())
+    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
+                       for name, p in report["phases"].items())
     print(f"""
 ==================== EAST summary ====================
-model {r['config']['model']} | dataset {r['config']['dataset']} | n={n} | a={r['config']['alpha']:g} ({r['config']['mapping']})
-accuracy         backbone {100 * r['accuracy']['backbone']:.1f}% -> trained {100 * r['accuracy']['trained']:.1f}% ({delta:+.1f} points, {r['counts']['test']} test questions)
-questions        {r['counts']['sampled']} sampled, {r['counts']['kept']} kept, dropped {r['counts']['dropped']}: no correct answer
-entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits (log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {r['counts']['partial_agreement']} of {r['counts']['sampled']} ({100 * r['counts']['partial_agreement'] / r['counts']['sampled']:.0f}%)
-weights w        min {w['min']:.2f}  mean {w['mean']:.2f}  max {w['max']:.2f} (kept questions)
+model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | weighting {config['weighting']} ({config['mapping']})
+questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct answer
+entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits (log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {c['partial_agreement']} of {c['sampled']} ({100 * c['partial_agreement'] / c['sampled']:.0f}%)
 example          {ex['question'][:90]!r}
-                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, w = {ex['weight']:.2f}
-phase             seconds    tokens   tokens/s
-{phase_rows}
+                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, w = {ex['weight']:.2f} (a={first['alpha']:g})
+accuracy on {backbone['total']} test questions (points vs backbone)
+  {'backbone':<22}           {100 * backbone['accuracy']:6.1f}%{extra(backbone)}
+{rounds}{breakdown}
+phase                      seconds    tokens   tokens/s
+{phases}
 ======================================================""")
 
 
@@ -1089,61 +1372,45 @@ def run(args):
     phase("load model", time.time() - t)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on {device}")
 
-    # Step 1: sample n paths per training question.
+    # Step 1: sample n paths per training question (or start from an earlier run's samples).
+    samples_path = out / "samples.jsonl"
+    if args.samples and not samples_path.exists():
+        try:
+            shutil.copyfile(args.samples, samples_path)
+        except OSError as e:
+            raise UsageError(f"cannot read --samples {args.samples}: {e.strerror}") from None
     t = time.time()
-    records, tokens = sample_responses(model, tokenizer, train_questions, args, out / "samples.jsonl")
+    records, tokens = sample_responses(model, tokenizer, train_questions, args, samples_path)
     phase("sample", time.time() - t, tokens)
-
-    # Steps 2-5: extract, cluster, entropy, filter, weights.
-    scored = score_questions(records, args)
-    with open(out / "weights.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
-    kept = [s for s in scored if s["kept"]]
-    print(f"filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
-    if not kept:
-        raise UsageError(f"no training question has a correct sample (all {len(scored)} dropped; samples are in "
-                         f"{out / 'samples.jsonl'}); use a larger --num-samples, easier data or a stronger --model")
-    entropies = [s["entropy"] for s in scored]
-    weights = [s["weight"] for s in kept]
-    print(f"entropy: mean {sum(entropies) / len(entropies):.2f} bits; weights ({args.mapping}, a={args.alpha:g}): "
-          f"min {min(weights):.2f} max {max(weights):.2f}")
 
     # Step 7 before training: the backbone's accuracy.
     t = time.time()
-    backbone_acc, backbone_correct, tokens = evaluate(model, tokenizer, test_questions, args,
-                                                      out / "predictions_backbone.jsonl", "backbone")
+    backbone, tokens = evaluate(model, tokenizer, test_questions, args, out / "predictions_backbone.jsonl", "backbone")
     phase("eval backbone", time.time() - t, tokens)
-    print(f"backbone accuracy: {100 * backbone_acc:.1f}% ({backbone_correct}/{len(test_questions)})")
+    print(f"backbone accuracy: {100 * backbone['accuracy']:.1f}% ({backbone['correct']}/{backbone['total']})")
 
-    # Step 6: weighted SFT on one correct path per kept question.
-    examples = [{**tokenize_example(tokenizer, s["question"], s["response"]), "weight": s["weight"]} for s in kept]
-    tokens, seconds = train(model, tokenizer, examples, args, out / "train_log.jsonl")
-    phase("train", seconds, tokens)
-    if args.save_model:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        print(f"saved the trained model to {out / 'model'}")
+    # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
+    # with the trained model and train again (iterative self-training).
+    rounds = []
+    for number, alpha in enumerate(args.alpha):
+        if number > 0:
+            model, tokenizer = load_model(args.model, device)
+        round_records = records
+        for iteration in range(1, args.iterations + 1):
+            tag = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
+            if iteration > 1:
+                t = time.time()
+                round_records, tokens = sample_responses(model, tokenizer, train_questions, args, out / f"samples_{tag}.jsonl")
+                phase(f"sample {tag}", time.time() - t, tokens)
+            rounds.append(self_training_round(model, tokenizer, round_records, alpha, tag, test_questions, args, out, phase))
 
-    # Step 7: the trained model's accuracy.
-    t = time.time()
-    trained_acc, trained_correct, tokens = evaluate(model, tokenizer, test_questions, args,
-                                                    out / "predictions_trained.jsonl", "trained")
-    phase("eval trained", time.time() - t, tokens)
-    print(f"trained accuracy: {100 * trained_acc:.1f}% ({trained_correct}/{len(test_questions)})")
-
-    partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
-    results = {
-        "config": vars(args),
-        "accuracy": {"backbone": backbone_acc, "trained": trained_acc},
-        "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
-                   "partial_agreement": partial, "test": len(test_questions)},
-        "entropy": describe(entropies), "weights": describe(weights),
-        "example": worked_example(scored, args.num_samples), "phases": phases,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print_summary(results)
-    print(f"files in {out}: config.json samples.jsonl weights.jsonl predictions_*.jsonl train_log.jsonl results.json")
-    return results
+    report = {"config": vars(args), "backbone": backbone, "rounds": rounds, "phases": phases,
+              "entropies": rounds[0].pop("entropies")}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_summary(report)
+    draw_charts(report, out)
+    print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl results.json")
+    return report
 
 
 def main(argv=None):

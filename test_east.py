@@ -326,14 +326,131 @@ def test_gradient_does_not_depend_on_micro_batching(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    examples = [{**east.tokenize_example(tokenizer, "Q" * (3 * i), "7 " * (i + 1)), "weight": w}
+    examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * (3 * i), "7 " * (i + 1)), "weight": w}
                 for i, w in enumerate([0.2, 1.0, 1.3, 1.5])]  # different lengths: different padding
     grads = {}
     for micro in (4, 1):
         model.zero_grad()
-        east.accumulate_gradients(model, examples, micro, tokenizer.pad_token_id)
+        args = east.build_parser().parse_args(["--micro-batch-size", str(micro)])
+        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
         grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_dpo_loss_hand_values_and_per_pair_weights():
+    chosen, rejected = torch.tensor([-5.0, -8.0], requires_grad=True), torch.tensor([-7.0, -6.0])
+    ref_chosen, ref_rejected = torch.tensor([-6.0, -8.5]), torch.tensor([-6.5, -6.0])
+    beta = 0.5
+    margins = [beta * ((-5 + 6) - (-7 + 6.5)), beta * ((-8 + 8.5) - (-6 + 6))]  # 0.75, 0.25
+    expected = (2.0 * -math.log(1 / (1 + math.exp(-margins[0]))) + 1.0 * -math.log(1 / (1 + math.exp(-margins[1])))) / 2
+    loss = east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([2.0, 1.0]), beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    grad_weighted = chosen.grad.clone()
+    chosen.grad = None
+    east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([1.0, 1.0]), beta).backward()
+    assert grad_weighted[0] == pytest.approx(2 * chosen.grad[0].item()) and grad_weighted[1] == pytest.approx(chosen.grad[1].item())
+
+
+def test_kto_loss_hand_values_and_per_example_weights():
+    policy = torch.tensor([-4.0, -9.0, -6.0], requires_grad=True)
+    reference = torch.tensor([-5.0, -8.0, -6.0])
+    desirable = torch.tensor([True, False, True])
+    weights, beta, z0, lambda_d, lambda_u = torch.tensor([1.5, 0.5, 1.0]), 0.1, 0.2, 1.0, 2.0
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    losses = [1.5 * (lambda_d - lambda_d * sigmoid(beta * (1.0 - z0))),  # desirable, reward +1
+              0.5 * (lambda_u - lambda_u * sigmoid(beta * (z0 - (-1.0)))),  # undesirable, reward -1
+              1.0 * (lambda_d - lambda_d * sigmoid(beta * (0.0 - z0)))]  # desirable, reward 0
+    loss = east.weighted_kto_loss(policy, reference, desirable, z0, weights, beta, lambda_d, lambda_u)
+    assert loss.item() == pytest.approx(sum(losses) / 3, rel=1e-6)
+    loss.backward()
+    grad_weighted = policy.grad.clone()
+    policy.grad = None
+    east.weighted_kto_loss(policy, reference, desirable, z0, torch.ones(3), beta, lambda_d, lambda_u).backward()
+    assert torch.allclose(grad_weighted, weights * policy.grad)
+
+
+def hand_made_records():
+    # 4 samples each; gold 7. Answers: q0 all right; q1 two right, two "8"; q2 one right, "8", "9", none;
+    # q3 nothing right.
+    texts = {"7": "so \\boxed{7}", "8": "so \\boxed{8}", "9": "so \\boxed{9}", None: "no idea"}
+    answers = [["7", "7", "7", "7"], ["7", "8", "7", "8"], ["8", "7", "9", None], ["8", "8", "9", "8"]]
+    return [{"id": f"train-{i}", "question": f"q{i}", "gold": "7", "style": "math",
+             "responses": [texts[a] for a in row]} for i, row in enumerate(answers)]
+
+
+def test_scores_and_ablation_weights_on_hand_made_samples():
+    args = east.build_parser().parse_args(["--num-samples", "4"])
+    scored = east.score_questions(hand_made_records(), 1.0, args)
+    assert [s["kept"] for s in scored] == [True, True, True, False]
+    assert [s["accuracy"] for s in scored] == [1.0, 0.5, 0.25, 0.0]
+    assert [s["rejected_share"] for s in scored] == [0.0, 0.5, 0.25, 0.75]  # q2: 8, 9 and none tie at 1/4
+    assert [s["entropy"] for s in scored] == pytest.approx([0.0, 1.0, 2.0, east.answer_entropy(["8", "8", "9", "8"])])
+    assert all(s["chosen"] == "so \\boxed{7}" for s in scored[:3]) and scored[3]["chosen"] is None
+    assert scored[0]["rejected"] is None and scored[1]["rejected"] == "so \\boxed{8}"
+    expected = {"entropy": [0.0, 1.0, 2.0], "accuracy": [0.0, 0.5, 0.75], "rejected": [0.0, 0.5, 0.25]}
+    for weighting, uncertainty in expected.items():
+        args.weighting = weighting
+        weights = [s["weight"] for s in east.score_questions(hand_made_records(), 1.0, args) if s["kept"]]
+        assert weights == pytest.approx([u / (sum(uncertainty) / 3) for u in uncertainty]), weighting
+
+
+class CharTokenizer:
+    """Just enough tokenizer for building examples: one id per character."""
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "U:" + messages[0]["content"] + "\nA:"
+
+
+def test_examples_per_objective():
+    tokenizer = CharTokenizer()
+    args = east.build_parser().parse_args(["--num-samples", "4"])
+    scored = east.score_questions(hand_made_records(), 1.0, args)
+    sft, dpo, kto = (east.build_examples(tokenizer, scored, loss) for loss in ("sft", "dpo", "kto"))
+    assert len(sft) == 3 and len(dpo) == 2 and len(kto) == 3 + 2  # q0 has no wrong answer to reject
+    assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")
+    assert [e["weight"] for e in dpo] == [s["weight"] for s in scored[1:3]]
+    assert [e["desirable"] for e in kto] == [True, True, True, False, False]
+    items = [(s["question"], s["chosen"]) for s in scored[:3]] + [(s["question"], s["rejected"]) for s in scored[1:3]]
+    for e, (question, _), (_, partner_response) in zip(kto, items, items[1:] + items[:1]):
+        assert e["mismatched"] == east.tokenize_example(tokenizer, question, partner_response)  # next one's response
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
+def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, loss):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    scored = [{"question": "Q" * (2 * i + 1), "chosen": "7" * (i + 1), "rejected": "77 7" if i % 2 else None,
+               "kept": True, "weight": w} for i, w in enumerate([0.4, 1.2, 0.9, 1.5])]
+    examples = east.build_examples(tokenizer, scored, loss)
+    east.add_reference_logprobs(model, examples, 2, tokenizer.pad_token_id, loss)
+    with torch.no_grad():  # move the policy away from the reference so rewards are not all zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grads = {}
+    for micro in (4, 1):
+        model.zero_grad()
+        args = east.build_parser().parse_args(["--micro-batch-size", str(micro), "--loss", loss, "--beta", "0.5"])
+        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
+        grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads[4].abs().sum() > 0
+    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_accuracy_report_with_majority_pass_and_breakdown():
+    rows = [{"correct": True, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Algebra"},
+            {"correct": False, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Geometry"},
+            {"correct": False, "majority_correct": False, "any_correct": True, "level": "Level 5", "subject": "Algebra"},
+            {"correct": False, "majority_correct": False, "any_correct": False, "level": "Level 5", "subject": "Algebra"}]
+    report = east.accuracy_report(rows, 4)
+    assert report["accuracy"] == 0.25 and report["maj@4"] == 0.5 and report["pass@4"] == 0.75
+    assert report["by_level"] == {"Level 1": 0.5, "Level 5": 0.0}
+    assert report["by_subject"] == {"Algebra": pytest.approx(1 / 3), "Geometry": 0.0}
 
 
 # -----------------------------------------------------------------------------
@@ -482,23 +599,24 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path):
     samples = read_jsonl(out / "samples.jsonl")
     assert sorted(s["id"] for s in samples) == [f"train-{i}" for i in range(8)]
     assert all(len(s["responses"]) == 4 for s in samples)
-    scored = read_jsonl(out / "weights.jsonl")
+    scored = read_jsonl(out / "weights_alpha2.jsonl")
     kept = [s for s in scored if s["kept"]]
     assert kept and all(s["num_correct"] > 0 for s in kept)
     assert sum(s["weight"] for s in kept) / len(kept) == pytest.approx(1.0)
     for s in scored:  # the file's entropies follow from its own answers
         assert s["entropy"] == pytest.approx(east.answer_entropy(s["answers"]))
     results = json.loads((out / "results.json").read_text())
-    for label in ("backbone", "trained"):
+    (trained,) = results["rounds"]
+    for label, report in (("backbone", results["backbone"]), ("alpha2", trained["evaluation"])):
         predictions = read_jsonl(out / f"predictions_{label}.jsonl")
-        assert len(predictions) == 2 == results["counts"]["test"]
-        assert results["accuracy"][label] == sum(p["correct"] for p in predictions) / 2
-    assert results["counts"]["kept"] == len(kept) and results["counts"]["sampled"] == 8
-    steps = read_jsonl(out / "train_log.jsonl")
+        assert len(predictions) == 2 == report["total"]
+        assert report["accuracy"] == sum(p["correct"] for p in predictions) / 2
+    assert trained["counts"]["kept"] == len(kept) and trained["counts"]["sampled"] == 8
+    steps = read_jsonl(out / "train_log_alpha2.jsonl")
     assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
-    assert json.loads((out / "config.json").read_text())["alpha"] == 2.0
+    assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
     from transformers import AutoModelForCausalLM
-    assert AutoModelForCausalLM.from_pretrained(out / "model").config.vocab_size == 6
+    assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
 
 
 def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sevens_file, tmp_path, monkeypatch):
@@ -536,6 +654,63 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sev
     records = [json.loads(line) for line in lines]
     assert sorted(r["id"] for r in records) == [f"train-{i}" for i in range(8)]  # none twice, none missing
     assert all(len(r["responses"]) == 4 for r in records)
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(east, name)
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(east, name, counted)
+    return calls
+
+
+def test_alpha_sweep_samples_once_and_trains_once_per_alpha(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+    sampled, trained = count_calls(monkeypatch, "sample_responses"), count_calls(monkeypatch, "train")
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "-1", "0", "2", "--eval-samples", "3")) == 0
+    assert len(sampled) == 1 and len(trained) == 3
+    results = json.loads((out / "results.json").read_text())
+    assert [r["alpha"] for r in results["rounds"]] == [-1.0, 0.0, 2.0]
+    assert all(w == 1.0 for s in read_jsonl(out / "weights_alpha0.jsonl") if s["kept"] for w in [s["weight"]])
+    for tag in ("alpha-1", "alpha0", "alpha2"):
+        assert len(read_jsonl(out / f"predictions_{tag}.jsonl")) == 2
+    assert {"maj@3", "pass@3"} <= set(results["backbone"])
+    assert all(p["any_correct"] >= p["majority_correct"] for p in read_jsonl(out / "predictions_alpha2.jsonl"))
+    shown = capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "accuracy_by_alpha.png").exists()
+    except ImportError:
+        assert "accuracy_by_alpha [trained]: accuracy by alpha" in shown
+
+
+def test_iterations_sample_again_with_the_trained_model(tiny_model, sevens_file, tmp_path, monkeypatch):
+    sampled = count_calls(monkeypatch, "sample_responses")
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--iterations", "2")) == 0
+    assert len(sampled) == 2
+    assert len(read_jsonl(out / "samples_alpha1_iter2.jsonl")) == 8
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha1_iter1", "alpha1_iter2"]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_preference_losses_run_end_to_end(tiny_model, sevens_file, tmp_path, loss):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--loss", loss, "--beta", "0.1")) == 0
+    steps = read_jsonl(out / "train_log_alpha1.jsonl")
+    assert steps and all(math.isfinite(s["loss"]) for s in steps)
+
+
+def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_path, monkeypatch):
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "first")) == 0
+    generated = count_calls(monkeypatch, "generate")
+    second = tmp_path / "second"
+    argv = tiny_argv(tiny_model, sevens_file, second, "--samples", str(tmp_path / "first" / "samples.jsonl"))
+    assert east.main(argv) == 0
+    assert all(call[3] == 1 for call in generated)  # only greedy evaluation generated: nothing was sampled
+    assert (second / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
 
 
 # -----------------------------------------------------------------------------
