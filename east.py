@@ -13,13 +13,15 @@ For every training question x_i (only its gold final answer is used):
      normalised over the kept questions: w_i = f(H_i) / mean_j f(H_j).
      a > 0 favours uncertain questions, a = 0 is vanilla self-training (all w_i = 1).
   6. Fine-tune on one correct path per question with the weighted SFT loss
-     L = sum_i w_i * CE_i / B, where CE_i is the mean cross-entropy over x_i's response tokens.
+     L = sum_i w_i * CE_i / B, where CE_i is the mean cross-entropy over x_i's response tokens
+     (--loss dpo | kto weights each preference pair / example by w_i the same way).
   7. Evaluate greedy accuracy on the test split, before and after training.
 
 Run:
   python east.py --model smollm2-135m --dataset arith        # offline, CPU, minutes (make run)
   python east.py --dataset gsm8k --alpha 1.0                 # Qwen2.5-0.5B-Instruct from the hub
   python east.py --dataset math --data-dir ../shared/data    # local GSM8K/MATH files, no download
+  python east.py --dataset gsm8k --alpha -1 0 1 2            # one sample set, one training per a
 
 Every intermediate lands in --output-dir as JSONL; a rerun with the same folder resumes.
 """
@@ -77,7 +79,7 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     g.add_argument("--max-new-tokens", type=int, default=512, help="length limit of each path")
-    g.add_argument("--gen-batch-size", type=int, default=8, help="questions per generate() call")
+    g.add_argument("--gen-batch-size", type=int, default=16, help="questions per generate() call (x n sequences)")
     g.add_argument("--samples", default=None, help="start from the samples.jsonl of an earlier run (same questions and n)")
     g = p.add_argument_group("weighting (step 5)")
     g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
@@ -92,6 +94,8 @@ def build_parser():
     g.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D, weight of correct paths")
     g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, weight of wrong paths")
     g.add_argument("--iterations", type=int, default=1, help="rounds of iterative self-training (resample, retrain)")
+    g = p.add_argument_group("evaluation (step 7)")
+    g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
     g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
     g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
     g.add_argument("--batch-size", type=int, default=16, help="effective batch B (examples per optimiser step)")
@@ -100,9 +104,8 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
-    g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
     g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
-    g.add_argument("--save-model", action="store_true", help="write the trained model to OUTPUT_DIR/model")
+    g.add_argument("--save-model", action="store_true", help="write each trained model to OUTPUT_DIR/model_TAG")
     return p
 
 
@@ -110,7 +113,7 @@ def check_args(args):
     for alpha in args.alpha:
         if not math.isfinite(alpha):
             raise UsageError(f"--alpha must be a finite number, got {alpha}")
-    for flag in ("beta", "desirable_weight", "undesirable_weight"):
+    for flag in ("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"):
         value = getattr(args, flag)
         if not (value > 0 and math.isfinite(value)):
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
@@ -121,12 +124,10 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if args.samples and not Path(args.samples).is_file():
+        raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
     if not 0 <= args.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
 
@@ -260,20 +261,14 @@ def read_jsonl_rows(path):
         raise UsageError(f"data file {path} does not exist; check the path or --data-dir") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read data file {path}: {e}") from None
-    rows, ungradable = [], 0
+    rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = normalise_row(json.loads(line), f"{path} line {number}")
+            rows.append(normalise_row(json.loads(line), f"{path} line {number}"))
         except json.JSONDecodeError as e:
             raise UsageError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line") from None
-        if row["gold"]:
-            rows.append(row)
-        else:
-            ungradable += 1
-    if ungradable:
-        print(f"data: skipped {ungradable} rows of {path} with an empty gold answer (nothing to grade against)")
     return rows
 
 
@@ -296,6 +291,8 @@ def load_hub_split(dataset, split):
 
 def load_questions(args):
     """Training and test questions, each a list of dicts with a stable "id"."""
+    if args.eval_file and args.dataset in ("arith", "gsm8k", "math"):
+        raise UsageError(f"--eval-file applies only when --dataset is a JSONL path; {args.dataset} has its own test split")
     if args.dataset == "arith":
         pool = make_arith(ARITH_SIZES["test"] + ARITH_SIZES["train"], args.seed)
         splits = {"test": pool[:ARITH_SIZES["test"]], "train": pool[ARITH_SIZES["test"]:]}
@@ -317,9 +314,12 @@ def load_questions(args):
         raise UsageError(f"unknown --dataset {args.dataset!r}: use gsm8k, math, arith, or a path to a JSONL file")
     sizes = {"train": args.train_size, "test": args.eval_size}
     for split, rows in splits.items():
-        if not rows:
+        gradable = [r for r in rows if r["gold"]]
+        if len(gradable) < len(rows):
+            print(f"data: skipped {len(rows) - len(gradable)} {split} rows with an empty gold answer (nothing to grade against)")
+        if not gradable:
             raise UsageError(f"the {split} split of {args.dataset} is empty; give a file with at least one row")
-        rows[:] = rows[:sizes[split]]
+        rows[:] = gradable[:sizes[split]]
         for i, row in enumerate(rows):
             row["id"] = f"{split}-{i}"
     return splits["train"], splits["test"]

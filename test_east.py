@@ -537,6 +537,12 @@ def write(path, text):
     (["--model", "/no/such/model"], "--model folder /no/such/model does not exist"),
     (["--model", "someone/no-such-model"], "could not load --model"),
     (["--dataset", "gsm8k"], "--data-dir"),  # no hub here: the message points at local files
+    (["--eval-file", "x.jsonl"], "--eval-file applies only when --dataset is a JSONL path"),
+    (["--loss", "dpo", "--beta", "0"], "--beta must be a positive number"),
+    (["--alpha", "1", "nan"], "--alpha must be a finite number"),
+    (["--iterations", "0"], "--iterations must be at least 1"),
+    (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
+    (["--samples", "/no/such/samples.jsonl"], "--samples /no/such/samples.jsonl does not exist"),
 ])
 def test_bad_arguments(extra, fragment, tmp_path, capsys):
     argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu", *extra]
