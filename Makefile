@@ -1,11 +1,12 @@
 # make run   the EAST loop on the bundled offline model and generated arithmetic (CPU, minutes)
 # make test  the offline test suite
+# make bench speed of sampling, evaluation and training on the bundled model (not a test)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: install run test clean
+.PHONY: install run test bench clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q test_east.py
+
+bench: install
+	$(PY) east.py --bench --model smollm2-135m --num-samples 4 --max-new-tokens 64 --gen-batch-size 16 \
+		--batch-size 8 --micro-batch-size 4 --output-dir runs/bench
 
 clean:
 	rm -rf $(VENV) runs

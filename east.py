@@ -106,6 +106,8 @@ def build_parser():
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
     g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
     g.add_argument("--save-model", action="store_true", help="write each trained model to OUTPUT_DIR/model_TAG")
+    g.add_argument("--bench", action="store_true", help="measure sampling, evaluation and training speed on a fixed "
+                                                        "small workload, write OUTPUT_DIR/bench.json, and exit")
     return p
 
 
@@ -1317,6 +1319,101 @@ def draw_charts(report, out):
 
 
 # -----------------------------------------------------------------------------
+# Benchmark (make bench): what a run costs on this machine
+
+BENCH_QUESTIONS = 16
+
+
+def peak_memory_mb(device):
+    """Peak memory so far: the GPU's allocations on CUDA, else this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def matmul_flops_per_second(device, size=1024, repeats=20):
+    """Measured dense matrix-multiply rate in the dtype the model computes in (bf16 on CUDA, else fp32)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def benchmark(args):
+    """Sampling, greedy evaluation and one epoch of weighted SFT on a fixed small workload (16 generated
+    arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound (2 x parameters
+    FLOPs per generated token, 6 x per trained token, at the measured matmul rate); sampling also
+    against a naive loop that generates one sample of one prompt per call."""
+    check_args(args)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device)
+    questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
+    prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
+    parameters = sum(p.numel() for p in model.parameters())
+    rate = matmul_flops_per_second(device)
+    bound = {"inference": rate / (2 * parameters), "training": rate / (6 * parameters)}
+    print(f"bench: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul {rate / 1e9:.0f} GFLOP/s, "
+          f"so at most {bound['inference']:.0f} generated or {bound['training']:.0f} trained tokens/s")
+    rows = {}
+
+    def measure(name, work, kind):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        tokens = work()
+        seconds = time.perf_counter() - start
+        rows[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                      "share_of_flop_bound": tokens / seconds / bound[kind], "peak_memory_mb": peak_memory_mb(device)}
+
+    def batched_sampling():
+        torch.manual_seed(args.seed)
+        return sum(generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[1]
+                   for i in range(0, len(prompts), args.gen_batch_size))
+
+    def naive_sampling():  # the first 2 questions only: this loop is slow
+        torch.manual_seed(args.seed)
+        return sum(generate(model, tokenizer, [prompt], 1, args)[1] for prompt in prompts[:2] for _ in range(args.num_samples))
+
+    def greedy_evaluation():
+        per_call = args.gen_batch_size * args.num_samples
+        return sum(generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[1]
+                   for i in range(0, len(prompts), per_call))
+
+    def training():
+        examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
+                    for q in make_arith(BENCH_QUESTIONS, args.seed)]
+        train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            tokens, _ = train(model, tokenizer, examples, train_args, Path(os.devnull))
+        return tokens
+
+    measure("sample (batched)", batched_sampling, "inference")
+    measure("sample (naive loop)", naive_sampling, "inference")
+    measure("eval (greedy)", greedy_evaluation, "inference")
+    measure("train (1 epoch)", training, "training")
+    speedup = rows["sample (batched)"]["tokens_per_s"] / rows["sample (naive loop)"]["tokens_per_s"]
+    print(f"phase                  tokens  seconds  tokens/s  of FLOP bound  peak MB")
+    for name, r in rows.items():
+        print(f"  {name:<19}{r['tokens']:8d}{r['seconds']:9.1f}{r['tokens_per_s']:10.1f}"
+              f"{100 * r['share_of_flop_bound']:14.0f}%{r['peak_memory_mb']:9.0f}")
+    print(f"batched sampling is {speedup:.1f}x the naive loop "
+          f"(n={args.num_samples}, {args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
+    report = {"config": vars(args), "matmul_flops_per_s": rate, "flop_bound_tokens_per_s": bound,
+              "phases": rows, "sampling_speedup_vs_naive": speedup}
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_dir) / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 
@@ -1336,7 +1433,7 @@ def print_summary(report):
             last = report["rounds"][-1]["evaluation"][f"by_{field}"]
             breakdown += f"\nby {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
                                                          for g, a in backbone[f"by_{field}"].items())
-    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
+    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}{p['peak_memory_mb']:10.0f}"
                        for name, p in report["phases"].items())
     print(f"""
 ==================== EAST summary ====================
@@ -1348,7 +1445,7 @@ example          {ex['question'][:90]!r}
 accuracy on {backbone['total']} test questions (points vs backbone)
   {'backbone':<22}           {100 * backbone['accuracy']:6.1f}%{extra(backbone)}
 {rounds}{breakdown}
-phase                      seconds    tokens   tokens/s
+phase                      seconds    tokens   tokens/s   peak MB
 {phases}
 ======================================================""")
 
@@ -1363,7 +1460,8 @@ def run(args):
     phases = {}
 
     def phase(name, seconds, tokens=0):
-        phases[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+        phases[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+                        "peak_memory_mb": peak_memory_mb(device)}
 
     train_questions, test_questions = load_questions(args)
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions from {args.dataset}")
@@ -1417,7 +1515,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
-        run(args)
+        benchmark(args) if args.bench else run(args)
         return 0
     except UsageError as e:
         print(f"east.py: error: {e}", file=sys.stderr)

@@ -719,6 +719,20 @@ def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_pat
     assert (second / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
 
 
+def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
+    # A benchmark, not a timed test: it checks that each phase is measured and reported, not how fast.
+    argv = ["--bench", "--model", str(tiny_model), "--num-samples", "2", "--max-new-tokens", "8",
+            "--gen-batch-size", "4", "--batch-size", "8", "--micro-batch-size", "4", "--device", "cpu",
+            "--output-dir", str(tmp_path)]
+    assert east.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["phases"]) == ["sample (batched)", "sample (naive loop)", "eval (greedy)", "train (1 epoch)"]
+    for phase in report["phases"].values():
+        assert phase["tokens"] > 0 and phase["peak_memory_mb"] > 0 and phase["share_of_flop_bound"] > 0
+    assert report["sampling_speedup_vs_naive"] > 0
+    assert "batched sampling is" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # The bundled offline model
 
