@@ -38,6 +38,7 @@ import signal
 import sys
 import time
 import unicodedata
+import zlib
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -479,7 +480,8 @@ def sample_responses(model, tokenizer, questions, args, path):
     with tqdm(total=len(todo), desc="sampling", unit="q") as bar:
         for start in range(0, len(todo), args.gen_batch_size):
             batch = todo[start:start + args.gen_batch_size]
-            torch.manual_seed(args.seed * 1_000_003 + start)
+            # Seeded per file and batch: reproducible, yet each iteration's samples draw fresh randomness.
+            torch.manual_seed(zlib.crc32(f"{args.seed}:{path.name}:{start}".encode()))
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
             responses, generated = generate(model, tokenizer, prompts, args.num_samples, args)
             records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
