@@ -27,6 +27,7 @@ Every intermediate lands in --output-dir as JSONL; a rerun with the same folder 
 """
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -837,6 +838,7 @@ def canonical_key(s):
     return ("text", text.lower() if re.fullmatch(r"[A-Za-z]{2,}", text) else text)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure, and called for the same strings by grading, clustering and entropy
 def canonical_answer(answer):
     """A hashable key: two answers are equivalent exactly when their keys are equal; None for no answer.
 
