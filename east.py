@@ -1036,7 +1036,7 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
     reward = policy - reference
     value = torch.where(desirable, desirable_weight * torch.sigmoid(beta * (reward - reference_point)),
                         undesirable_weight * torch.sigmoid(beta * (reference_point - reward)))
-    scale = torch.where(desirable, torch.tensor(desirable_weight), torch.tensor(undesirable_weight))
+    scale = torch.where(desirable, desirable_weight, undesirable_weight)  # lambda_y
     return (weights * (scale - value)).sum() / (num_examples or len(weights))
 
 
@@ -1282,12 +1282,16 @@ def draw_charts(report, out):
     config, backbone = report["config"], report["backbone"]["accuracy"]
     last = {r["alpha"]: r for r in report["rounds"]}  # each alpha's final round
     histogram = sorted(Counter(round(h, 2) for h in report["entropies"]).items())
+
+    def curve(points):  # the distinct (u, w) pairs of the kept questions, in order of u
+        pairs = sorted(set((round(u, 3), round(w, 3)) for u, w in points))
+        return [u for u, _ in pairs], [w for _, w in pairs]
+
     charts = [  # (file, x label, y label, [(series label, xs, ys)])
         ("entropy_histogram", f"entropy H (bits), n = {config['num_samples']}", "questions",
          [("questions", [h for h, _ in histogram], [c for _, c in histogram])]),
         ("weights", f"uncertainty u ({config['weighting']})", "weight w",
-         [(f"a={a:g}", *zip(*sorted(set((round(u, 3), round(w, 3)) for u, w in r["points"]))))
-          for a, r in last.items()]),
+         [(f"a={a:g}", *curve(r["points"])) for a, r in last.items()]),
         ("accuracy_by_alpha", "alpha", "accuracy",
          [("trained", list(last), [r["evaluation"]["accuracy"] for r in last.values()]),
           ("backbone", list(last), [backbone] * len(last))]),
@@ -1358,6 +1362,7 @@ def benchmark(args):
     against a naive loop that generates one sample of one prompt per call."""
     check_args(args)
     device = resolve_device(args.device)
+    out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
     questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
     prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
@@ -1412,8 +1417,7 @@ def benchmark(args):
           f"(n={args.num_samples}, {args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
     report = {"config": vars(args), "matmul_flops_per_s": rate, "flop_bound_tokens_per_s": bound,
               "phases": rows, "sampling_speedup_vs_naive": speedup}
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
