@@ -1,4 +1,5 @@
 """Tests for east.py: offline, on the real data in ../shared/data and a tiny model built here."""
+import argparse
 import json
 import math
 import os
@@ -275,6 +276,45 @@ def test_weights_degenerate_cases():
     assert east.entropy_weights([0.0, 0.0], 1.0) == [1.0, 1.0]  # every f(H) = 0: uniform
     w = east.entropy_weights([0.5, 3.0], 400.0)  # 3^400 overflows a float; log space does not
     assert w == pytest.approx([0.0, 2.0]) and sum(w) == pytest.approx(2.0)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def test_next_tokens_samples_the_tempered_nucleus():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(40_000, 1)
+
+    def frequencies(temperature, top_p):
+        torch.manual_seed(0)
+        drawn = east.next_tokens(logits, argparse.Namespace(temperature=temperature, top_p=top_p), greedy=False)
+        return torch.bincount(drawn, minlength=4) / len(drawn)
+
+    # top-p 0.7: the smallest top set reaching 0.7 is {0.5, 0.3}, renormalised to 0.625 / 0.375
+    assert torch.allclose(frequencies(1.0, 0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.01)
+    # temperature 0.5 squares the probabilities before renormalising
+    squared = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert torch.allclose(frequencies(0.5, 1.0), squared / squared.sum(), atol=0.01)
+    assert east.next_tokens(logits[:3], None, greedy=True).tolist() == [0, 0, 0]
+
+
+def test_decoding_loop_matches_transformers_greedy_generate():
+    # The bundled model ends these at different steps (one runs to the limit), so finished
+    # sequences leave the batch while the others go on; the result must not change.
+    model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
+    args = argparse.Namespace(max_new_tokens=40, temperature=1.0, top_p=1.0)
+    ours, generated = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    ends = torch.isin(out, torch.tensor(sorted(east.end_token_ids(model, tokenizer))))
+    lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, out.shape[1])  # up to and with the end token
+    assert len(set(lengths.tolist())) == 4 and lengths.max() == 40  # the case this test is about
+    expected = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out, lengths.tolist())]
+    assert ours == [[text, text] for text in expected]
+    assert generated == 2 * int(lengths.sum())
 
 
 # -----------------------------------------------------------------------------
