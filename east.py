@@ -153,6 +153,55 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+# -----------------------------------------------------------------------------
+# Processes: `accelerate launch` (or torchrun) starts several, one per GPU. Each samples and evaluates
+# every world_size-th batch, and they train as one model by summing their gradients (data parallel).
+# Batches and seeds are the same as in one process, so the samples and predictions are too.
+
+
+def start_processes(device):
+    """Joins the process group when launched as several processes; returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    from accelerate import PartialState
+    return PartialState(cpu=device.type == "cpu").device  # gloo on CPU, NCCL on CUDA (a GPU per process)
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def wait_for_everyone():
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def gather(items):
+    """Every process's list, concatenated in process order."""
+    if world_size() == 1:
+        return items
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def own_file(path):
+    """The file this process appends to: path itself, or with several processes one file each."""
+    return path if world_size() == 1 else path.with_name(f"{path.stem}.process{rank()}{path.suffix}")
+
+
+def process_files(path):
+    return sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}"))
+
+
 # Flags that change what is sampled: a rerun into the same folder must match them to resume.
 RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temperature", "top_p",
                "max_new_tokens", "seed")
@@ -162,7 +211,7 @@ def prepare_output_dir(args):
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test{rank()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -176,7 +225,9 @@ def prepare_output_dir(args):
             flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
             raise UsageError(f"{out} holds a run made with {flags}; use those flags to resume it, "
                              f"or a new --output-dir")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    wait_for_everyone()  # every process has checked the old config before it is replaced
+    if is_main():
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -513,16 +564,28 @@ def append_records(path, records):
         os.fsync(f.fileno())
 
 
+def merge_process_files(path, questions, num_samples):
+    """The main process moves the records of every process's own file into path."""
+    for part in process_files(path):
+        append_records(path, read_records(part, questions, num_samples).values())
+        part.unlink()
+
+
 def sample_responses(model, tokenizer, questions, args, path):
     """Step 1: n responses per question, appended to samples.jsonl batch by batch (resumable)."""
+    if is_main():
+        merge_process_files(path, questions, args.num_samples)  # left by an interrupted multi-process run
+    wait_for_everyone()
     done = read_records(path, questions, args.num_samples)
     todo = [q for q in questions if q["id"] not in done]
     print(f"sampling: n={args.num_samples} per question, {len(questions) - len(todo)} of {len(questions)} "
           f"questions already in {path}, {len(todo)} to go")
     todo.sort(key=lambda q: len(q["question"]))  # similar lengths per batch: less padding
+    starts = list(range(0, len(todo), args.gen_batch_size))[rank()::world_size()]
     tokens = 0
-    with tqdm(total=len(todo), desc="sampling", unit="q") as bar:
-        for start in range(0, len(todo), args.gen_batch_size):
+    with tqdm(total=sum(len(todo[s:s + args.gen_batch_size]) for s in starts), desc="sampling", unit="q",
+              disable=not is_main()) as bar:
+        for start in starts:
             batch = todo[start:start + args.gen_batch_size]
             # Seeded per file and batch: reproducible, yet each iteration's samples draw fresh randomness.
             torch.manual_seed(zlib.crc32(f"{args.seed}:{path.name}:{start}".encode()))
@@ -530,10 +593,14 @@ def sample_responses(model, tokenizer, questions, args, path):
             responses, generated = generate(model, tokenizer, prompts, args.num_samples, args)
             records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
                         "responses": r} for q, r in zip(batch, responses)]
-            append_records(path, records)
-            done.update((r["id"], r) for r in records)
+            append_records(own_file(path), records)
             tokens += generated
             bar.update(len(batch))
+    tokens = sum(gather([tokens]))  # also waits until every process has written its samples
+    if is_main():
+        merge_process_files(path, questions, args.num_samples)
+    wait_for_everyone()
+    done = read_records(path, questions, args.num_samples)
     return [done[q["id"]] for q in questions], tokens
 
 
@@ -1104,12 +1171,15 @@ def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
     """DPO and KTO compare with the frozen starting model: its sequence log-probabilities are computed
     once, before training, so no second copy of the model is held in memory."""
     model.eval()
+    share = list(range(len(examples)))[rank()::world_size()]  # several processes: each does a share
     for field in REFERENCE_FIELDS[loss]:
-        for start in range(0, len(examples), micro_batch_size):
-            batch = examples[start:start + micro_batch_size]
-            logits, labels, _ = forward(model, [e[field] for e in batch], pad_id)
-            for e, logp in zip(batch, sequence_logprobs(logits, labels).tolist()):
-                e[f"reference_{field}"] = logp
+        values = []
+        for start in range(0, len(share), micro_batch_size):
+            indices = share[start:start + micro_batch_size]
+            logits, labels, _ = forward(model, [examples[i][field] for i in indices], pad_id)
+            values += zip(indices, sequence_logprobs(logits, labels).tolist())
+        for i, logp in gather(values):
+            examples[i][f"reference_{field}"] = logp
 
 
 @torch.no_grad()
@@ -1117,11 +1187,12 @@ def kto_reference_point(model, examples, micro_batch_size, pad_id):
     """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
     a mismatched response (KTO paper). No gradient flows through it; computed over the whole effective
     batch before any micro-batch, so accumulation does not change it."""
-    gaps = []
-    for start in range(0, len(examples), micro_batch_size):
-        batch = examples[start:start + micro_batch_size]
+    gaps, share = [], examples[rank()::world_size()]
+    for start in range(0, len(share), micro_batch_size):
+        batch = share[start:start + micro_batch_size]
         logits, labels, _ = forward(model, [e["mismatched"] for e in batch], pad_id)
         gaps += (sequence_logprobs(logits, labels).cpu() - torch.tensor([e["reference_mismatched"] for e in batch])).tolist()
+    gaps = gather(gaps)
     return max(0.0, sum(gaps) / len(gaps))
 
 
@@ -1148,17 +1219,29 @@ def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=N
 
 
 def accumulate_gradients(model, examples, args, pad_id):
-    """Forward and backward one effective batch in micro-batches; returns (loss, tokens)."""
+    """Forward and backward one effective batch in micro-batches; returns (loss, tokens).
+
+    With several processes each takes every world_size-th example; every loss is already divided by
+    the whole batch's size, so summing the processes' gradients gives the whole batch's gradient.
+    """
     reference_point = None
     if args.loss == "kto":
         reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
     total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(examples), args.micro_batch_size):
-        batch = examples[start:start + args.micro_batch_size]
+    share = examples[rank()::world_size()]
+    for start in range(0, len(share), args.micro_batch_size):
+        batch = share[start:start + args.micro_batch_size]
         loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
         loss.backward()
         total_loss += loss.item()
         total_tokens += tokens
+    if world_size() > 1:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                if parameter.grad is None:  # this process had no example in this batch
+                    parameter.grad = torch.zeros_like(parameter)
+                torch.distributed.all_reduce(parameter.grad)
+        total_loss, total_tokens = sum(gather([total_loss])), sum(gather([total_tokens]))
     return total_loss, total_tokens
 
 
@@ -1176,7 +1259,7 @@ def train(model, tokenizer, examples, args, log_path):
     print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
           f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}")
     step, tokens_total, start_time = 0, 0, time.time()
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path if is_main() else os.devnull, "w", encoding="utf-8") as log:
         for epoch in range(1, args.epochs + 1):
             order = list(range(len(examples)))
             rng.shuffle(order)
@@ -1208,11 +1291,13 @@ def evaluate(model, tokenizer, questions, args, path, label):
     Returns (report, generated tokens)."""
     model.eval()
     rows, tokens = [], 0
-    path.unlink(missing_ok=True)  # predictions always belong to the model evaluated now
+    own_file(path).unlink(missing_ok=True)  # predictions always belong to the model evaluated now
     order = sorted(questions, key=lambda q: len(q["question"]))
     per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
-    with tqdm(total=len(order), desc=f"evaluating {label}", unit="q") as bar:
-        for start in range(0, len(order), per_call):
+    starts = list(range(0, len(order), per_call))[rank()::world_size()]
+    with tqdm(total=sum(len(order[s:s + per_call]) for s in starts), desc=f"evaluating {label}", unit="q",
+              disable=not is_main()) as bar:
+        for start in starts:
             batch = order[start:start + per_call]
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
             greedy, generated = generate(model, tokenizer, prompts, 1, args, greedy=True)
@@ -1234,9 +1319,18 @@ def evaluate(model, tokenizer, questions, args, path, label):
                     row.update(samples=samples, sample_answers=answers, majority_correct=is_equiv(majority, q["gold"]),
                                any_correct=any(is_equiv(a, q["gold"]) for a in answers))
                 new_rows.append(row)
-            append_records(path, new_rows)
+            append_records(own_file(path), new_rows)
             rows += new_rows
             bar.update(len(batch))
+    if world_size() > 1:
+        rows, tokens = gather(rows), sum(gather([tokens]))
+        position = {q["id"]: i for i, q in enumerate(order)}
+        rows.sort(key=lambda row: position[row["id"]])  # the order one process writes
+        if is_main():
+            path.unlink(missing_ok=True)
+            append_records(path, rows)
+            for part in process_files(path):
+                part.unlink()
     return accuracy_report(rows, args.eval_samples), tokens
 
 
@@ -1279,7 +1373,7 @@ def worked_example(scored, n):
 def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, out, phase):
     """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate."""
     scored = score_questions(records, alpha, args)
-    with open(out / f"weights_{tag}.jsonl", "w", encoding="utf-8") as f:
+    with open(out / f"weights_{tag}.jsonl" if is_main() else os.devnull, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
     kept = [s for s in scored if s["kept"]]
     print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
@@ -1295,7 +1389,7 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
                          f"use --loss sft or a larger --num-samples")
     tokens, seconds = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
     phase(f"train {tag}", seconds, tokens)
-    if args.save_model:
+    if args.save_model and is_main():
         model.save_pretrained(out / f"model_{tag}")
         tokenizer.save_pretrained(out / f"model_{tag}")
         print(f"saved the trained model to {out / f'model_{tag}'}")
@@ -1409,6 +1503,8 @@ def benchmark(args):
     prompt encoded once plus each generated token, 6 x per trained token. Sampling is also set against
     a naive loop that generates one sample of one prompt per call."""
     check_args(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--bench measures one process; run it with python, not accelerate launch")
     device = resolve_device(args.device)
     out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
@@ -1513,7 +1609,9 @@ phase                      seconds    tokens   tokens/s   peak MB
 
 def run(args):
     check_args(args)
-    device = resolve_device(args.device)
+    device = start_processes(resolve_device(args.device))
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # the main process reports for all; errors still reach stderr
     out = prepare_output_dir(args)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     random.seed(args.seed)
@@ -1527,7 +1625,11 @@ def run(args):
     train_questions, test_questions = load_questions(args)
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions from {args.dataset}")
     t = time.time()
+    if not is_main():
+        wait_for_everyone()  # the main process converts the bundled model (or downloads) first
     model, tokenizer = load_model(args.model, device)
+    if is_main():
+        wait_for_everyone()
     phase("load model", time.time() - t)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on {device}")
 
@@ -1565,9 +1667,10 @@ def run(args):
 
     report = {"config": vars(args), "backbone": backbone, "rounds": rounds, "phases": phases,
               "entropies": rounds[0].pop("entropies")}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    print_summary(report)
-    draw_charts(report, out)
+    if is_main():
+        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        print_summary(report)
+        draw_charts(report, out)
     print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl results.json")
     return report
 

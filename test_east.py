@@ -4,6 +4,9 @@ import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -663,6 +666,51 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path):
     assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
+
+
+def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_path):
+    # accelerate launch on 2 CPU processes (gloo): each samples and evaluates its share of the batches
+    # and they train as one model. Same batches and seeds, so the same samples and predictions; the
+    # summed gradients differ from one process's only in float rounding. KTO uses every gather.
+    # (--multi_gpu starts torchrun's processes; accelerate's --cpu flag would start just one.)
+    flags = ("--loss", "kto", "--eval-samples", "2")
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "one", *flags)) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    two_run = subprocess.run([*launch, east.__file__, *tiny_argv(tiny_model, sevens_file, tmp_path / "two", *flags)],
+                             capture_output=True, text=True, timeout=600)
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    assert by_question(read_jsonl(two_dir / "samples.jsonl")) == by_question(read_jsonl(one_dir / "samples.jsonl"))
+    assert read_jsonl(two_dir / "predictions_backbone.jsonl") == read_jsonl(one_dir / "predictions_backbone.jsonl")
+    assert read_jsonl(two_dir / "weights_alpha1.jsonl") == read_jsonl(one_dir / "weights_alpha1.jsonl")
+    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
+    assert [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (one_dir, two_dir))
+    assert two["rounds"][0]["evaluation"]["total"] == one["rounds"][0]["evaluation"]["total"] == 2
+    assert not list(two_dir.glob("*.process*"))  # every process's own file was merged
+    assert two_run.stdout.count("EAST summary") == 1  # the main process reports for both
+
+
+def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    records = read_jsonl(out / "samples.jsonl")
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
+    (out / "samples.process1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[5:]))
+    generated = count_calls(monkeypatch, "generate")
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    assert by_question(read_jsonl(out / "samples.jsonl")) == by_question(records)
+    assert not (out / "samples.process1.jsonl").exists()
+    assert len(generated) == 2  # evaluation only (backbone and trained): nothing was sampled again
+
+
+def by_question(records):
+    return sorted(records, key=lambda r: r["id"])
 
 
 def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sevens_file, tmp_path, monkeypatch):
