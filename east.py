@@ -96,13 +96,15 @@ def build_parser():
     g.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D, weight of correct paths")
     g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, weight of wrong paths")
     g.add_argument("--iterations", type=int, default=1, help="rounds of iterative self-training (resample, retrain)")
-    g = p.add_argument_group("evaluation (step 7)")
-    g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
     g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
     g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
     g.add_argument("--batch-size", type=int, default=16, help="effective batch B (examples per optimiser step)")
     g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (gradient accumulation)")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: far less memory, about a third more time")
+    g = p.add_argument_group("evaluation (step 7)")
+    g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
@@ -1250,6 +1252,8 @@ def train(model, tokenizer, examples, args, log_path):
     from transformers import get_linear_schedule_with_warmup
     if args.loss != "sft":
         add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
     model.train()
     rng = random.Random(args.seed)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
@@ -1278,6 +1282,8 @@ def train(model, tokenizer, examples, args, log_path):
                 print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | {speed:6.0f} tok/s")
                 log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens}) + "\n")
                 log.flush()
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_disable()
     model.eval()
     return tokens_total, time.time() - start_time
 

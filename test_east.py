@@ -485,6 +485,29 @@ def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, los
     assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
 
 
+def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monkeypatch):
+    accumulate, checkpointing = east.accumulate_gradients, []
+
+    def accumulate_and_note(model, *args):
+        checkpointing.append(model.is_activation_checkpointing)
+        return accumulate(model, *args)
+
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_and_note)
+    trained = []
+    for flags in ([], ["--gradient-checkpointing"]):
+        checkpointing.clear()
+        model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0 + i / 4}
+                    for i in range(4)]
+        args = east.build_parser().parse_args(["--epochs", "2", "--batch-size", "2", "--lr", "1e-2", *flags])
+        east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
+        assert checkpointing == [bool(flags)] * 4 and not model.is_activation_checkpointing  # on while training only
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(trained[0], start)
+    assert torch.allclose(trained[0], trained[1], rtol=1e-5, atol=1e-6)
+
+
 def test_accuracy_report_with_majority_pass_and_breakdown():
     rows = [{"correct": True, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Algebra"},
             {"correct": False, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Geometry"},
