@@ -300,6 +300,21 @@ def test_next_tokens_samples_the_tempered_nucleus():
     assert east.next_tokens(logits[:3], None, greedy=True).tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("spread", [0.5, 8.0])  # a flat row (nucleus beyond the top candidates), a peaked one
+def test_nucleus_from_top_candidates_equals_nucleus_from_a_full_sort(spread):
+    torch.manual_seed(1)
+    logits = (torch.randn(1, 2000) * spread).repeat(10_000, 1)
+    probs = torch.softmax(logits[0], -1)
+    ranked, order = probs.sort(descending=True)
+    nucleus = order[:int((ranked.cumsum(0) - ranked <= 0.9).sum())]  # by the definition, over the whole vocabulary
+    assert (len(nucleus) > east.NUCLEUS_CANDIDATES) == (spread == 0.5)
+    drawn = east.next_tokens(logits, argparse.Namespace(temperature=1.0, top_p=0.9), greedy=False)
+    assert set(drawn.tolist()) <= set(nucleus.tolist())
+    assert len(set(drawn.tolist())) > 0.8 * len(nucleus)  # and reaches all of it
+    top = nucleus[0].item()  # the most likely token is drawn at its renormalised rate
+    assert (drawn == top).float().mean().item() == pytest.approx(float(probs[top] / probs[nucleus].sum()), abs=0.015)
+
+
 def test_decoding_loop_matches_transformers_greedy_generate():
     # The bundled model ends these at different steps (one runs to the limit), so finished
     # sequences leave the batch while the others go on; the result must not change.
