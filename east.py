@@ -102,7 +102,7 @@ def build_parser():
     g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (gradient accumulation)")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
     g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: far less memory, about a third more time")
+                   help="recompute activations in the backward pass: less memory, one more forward pass of time")
     g = p.add_argument_group("evaluation (step 7)")
     g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
     g = p.add_argument_group("run")
