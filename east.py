@@ -169,6 +169,13 @@ def start_processes(device):
     return PartialState(cpu=device.type == "cpu").device  # gloo on CPU, NCCL on CUDA (a GPU per process)
 
 
+def stop_processes():
+    """All processes finish together and leave the group: one exiting with it still open can abort another."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -508,7 +515,8 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     cache.batch_repeat_interleave(num_return)
     logits, mask = logits.repeat_interleave(num_return, 0), mask.repeat_interleave(num_return, 0)
     position = positions[:, -1:].repeat_interleave(num_return, 0)
-    ends = torch.tensor(sorted(end_token_ids(model, tokenizer)), device=device)
+    end_ids = end_token_ids(model, tokenizer)
+    ends = torch.tensor(sorted(end_ids), device=device)
     rows = torch.arange(len(logits), device=device)  # which sequences are still generating
     outputs = [[] for _ in range(len(logits))]
     for step in range(args.max_new_tokens):
@@ -527,8 +535,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
         with autocast(device):
             logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position,
                            past_key_values=cache, use_cache=True).logits[:, -1]
-    end_set = set(ends.tolist())
-    texts = [tokenizer.decode(tokens[:-1] if tokens[-1] in end_set else tokens, skip_special_tokens=True)
+    texts = [tokenizer.decode(tokens[:-1] if tokens[-1] in end_ids else tokens, skip_special_tokens=True)
              for tokens in outputs]
     generated = sum(len(tokens) for tokens in outputs)  # an end token was generated too
     return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], generated
@@ -1684,6 +1691,7 @@ def run(args):
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         print_summary(report)
         draw_charts(report, out)
+    stop_processes()
     print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl results.json")
     return report
 
