@@ -1673,22 +1673,27 @@ def run(args):
     # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
     # with the trained model and train again (iterative self-training).
     rounds = []
-    for number, alpha in enumerate(args.alpha):
-        if number > 0:
-            model, tokenizer = load_model(args.model, device)
-        round_records = records
-        for iteration in range(1, args.iterations + 1):
-            tag = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
-            if iteration > 1:
-                t = time.time()
-                round_records, tokens = sample_responses(model, tokenizer, train_questions, args, out / f"samples_{tag}.jsonl")
-                phase(f"sample {tag}", time.time() - t, tokens)
-            rounds.append(self_training_round(model, tokenizer, round_records, alpha, tag, test_questions, args, out, phase))
-
-    report = {"config": vars(args), "backbone": backbone, "rounds": rounds, "phases": phases,
-              "entropies": rounds[0].pop("entropies")}
+    report = {"config": vars(args), "backbone": backbone, "rounds": rounds, "phases": phases}
+    try:
+        for number, alpha in enumerate(args.alpha):
+            if number > 0:
+                model, tokenizer = load_model(args.model, device)
+            round_records = records
+            for iteration in range(1, args.iterations + 1):
+                tag = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
+                if iteration > 1:
+                    t = time.time()
+                    round_records, tokens = sample_responses(model, tokenizer, train_questions, args,
+                                                             out / f"samples_{tag}.jsonl")
+                    phase(f"sample {tag}", time.time() - t, tokens)
+                rounds.append(self_training_round(model, tokenizer, round_records, alpha, tag, test_questions,
+                                                  args, out, phase))
+    finally:  # also when a round cannot train or is interrupted: the backbone and finished rounds are kept
+        if rounds:
+            report["entropies"] = rounds[0].pop("entropies", None)
+        if is_main():
+            (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     if is_main():
-        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         print_summary(report)
         draw_charts(report, out)
     stop_processes()

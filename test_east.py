@@ -666,6 +666,9 @@ def test_no_correct_sample_is_an_error_and_keeps_the_samples(tiny_model, tmp_pat
     message = run_main_expecting_error(tiny_argv(tiny_model, hopeless, out), capsys)
     assert "no training question has a correct sample" in message
     assert len(read_jsonl(out / "samples.jsonl")) == 4  # 4 training questions, 1 held out
+    results = json.loads((out / "results.json").read_text())  # the backbone's evaluation is kept
+    assert results["rounds"] == [] and results["backbone"]["total"] == 1
+    assert results["backbone"]["accuracy"] == read_jsonl(out / "predictions_backbone.jsonl")[0]["correct"]
 
 
 def test_resuming_with_other_sampling_flags_is_refused(tiny_model, sevens_file, tmp_path, capsys):
