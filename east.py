@@ -496,7 +496,7 @@ def next_tokens(logits, args, greedy):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, num_return, args, greedy=False):
-    """Returns ([[response] * num_return per prompt], number of generated tokens).
+    """Returns ([[response] * num_return per prompt], Counter of prompt and generated tokens).
 
     A plain decoding loop with a KV cache: each prompt is encoded once and its cache copied for its
     num_return samples; a sequence leaves the batch as soon as it emits an end token, so finished
@@ -507,6 +507,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(device)  # the chat template already has its specials
     mask = batch["attention_mask"]
+    tokens = Counter(prompt=int(mask.sum()))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
     cache = DynamicCache(config=model.config)
     with autocast(device):
@@ -537,8 +538,8 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
                            past_key_values=cache, use_cache=True).logits[:, -1]
     texts = [tokenizer.decode(tokens[:-1] if tokens[-1] in end_ids else tokens, skip_special_tokens=True)
              for tokens in outputs]
-    generated = sum(len(tokens) for tokens in outputs)  # an end token was generated too
-    return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], generated
+    tokens["generated"] = sum(len(generated) for generated in outputs)  # an end token was generated too
+    return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], tokens
 
 
 def read_records(path, questions, num_samples):
@@ -598,7 +599,7 @@ def sample_responses(model, tokenizer, questions, args, path):
           f"questions already in {path}, {len(todo)} to go")
     todo.sort(key=lambda q: len(q["question"]))  # similar lengths per batch: less padding
     starts = list(range(0, len(todo), args.gen_batch_size))[rank()::world_size()]
-    tokens = 0
+    tokens = Counter()
     with tqdm(total=sum(len(todo[s:s + args.gen_batch_size]) for s in starts), desc="sampling", unit="q",
               disable=not is_main()) as bar:
         for start in starts:
@@ -606,13 +607,13 @@ def sample_responses(model, tokenizer, questions, args, path):
             # Seeded per file and batch: reproducible, yet each iteration's samples draw fresh randomness.
             torch.manual_seed(zlib.crc32(f"{args.seed}:{path.name}:{start}".encode()))
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            responses, generated = generate(model, tokenizer, prompts, args.num_samples, args)
+            responses, used = generate(model, tokenizer, prompts, args.num_samples, args)
             records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
                         "responses": r} for q, r in zip(batch, responses)]
             append_records(own_file(path), records)
-            tokens += generated
+            tokens += used
             bar.update(len(batch))
-    tokens = sum(gather([tokens]))  # also waits until every process has written its samples
+    tokens = sum(gather([tokens]), Counter())  # also waits until every process has written its samples
     if is_main():
         merge_process_files(path, questions, args.num_samples)
     wait_for_everyone()
@@ -1308,9 +1309,9 @@ def train(model, tokenizer, examples, args, log_path):
 
 def evaluate(model, tokenizer, questions, args, path, label):
     """Greedy accuracy, plus maj@k and pass@k with --eval-samples k; one line per question in path.
-    Returns (report, generated tokens)."""
+    Returns (report, Counter of prompt and generated tokens)."""
     model.eval()
-    rows, tokens = [], 0
+    rows, tokens = [], Counter()
     own_file(path).unlink(missing_ok=True)  # predictions always belong to the model evaluated now
     order = sorted(questions, key=lambda q: len(q["question"]))
     per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
@@ -1320,13 +1321,13 @@ def evaluate(model, tokenizer, questions, args, path, label):
         for start in starts:
             batch = order[start:start + per_call]
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            greedy, generated = generate(model, tokenizer, prompts, 1, args, greedy=True)
-            tokens += generated
+            greedy, used = generate(model, tokenizer, prompts, 1, args, greedy=True)
+            tokens += used
             sampled = [None] * len(batch)
             if args.eval_samples:
                 torch.manual_seed(args.seed * 1_000_003 + start)
-                sampled, generated = generate(model, tokenizer, prompts, args.eval_samples, args)
-                tokens += generated
+                sampled, used = generate(model, tokenizer, prompts, args.eval_samples, args)
+                tokens += used
             new_rows = []
             for q, (response,), samples in zip(batch, greedy, sampled):
                 answer = extract_answer(response, q["style"])
@@ -1343,7 +1344,7 @@ def evaluate(model, tokenizer, questions, args, path, label):
             rows += new_rows
             bar.update(len(batch))
     if world_size() > 1:
-        rows, tokens = gather(rows), sum(gather([tokens]))
+        rows, tokens = gather(rows), sum(gather([tokens]), Counter())
         position = {q["id"]: i for i, q in enumerate(order)}
         rows.sort(key=lambda row: position[row["id"]])  # the order one process writes
         if is_main():
@@ -1408,7 +1409,7 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
         raise UsageError(f"--loss {args.loss} needs questions with both a correct and a wrong sample, and none has; "
                          f"use --loss sft or a larger --num-samples")
     tokens, seconds = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
-    phase(f"train {tag}", seconds, tokens)
+    phase(f"train {tag}", seconds, Counter(trained=tokens))
     if args.save_model and is_main():
         model.save_pretrained(out / f"model_{tag}")
         tokenizer.save_pretrained(out / f"model_{tag}")
@@ -1516,12 +1517,21 @@ def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
     return best
 
 
+def phase_figures(seconds, tokens, parameters, flops_per_second, device):
+    """Time, tokens/s, peak memory and share of the FLOP bound of one phase. The bound counts 2 x parameters
+    FLOPs per token through the model (each prompt token encoded, each token generated) and 6 x per
+    trained token (forward and backward), at the measured matmul rate."""
+    seconds = max(seconds, 1e-9)
+    made = tokens["generated"] + tokens["trained"]
+    work = 2 * parameters * (tokens["prompt"] + tokens["generated"]) + 6 * parameters * tokens["trained"]
+    return {"seconds": seconds, "tokens": made, "prompt_tokens": tokens["prompt"], "tokens_per_s": made / seconds,
+            "share_of_flop_bound": work / seconds / flops_per_second, "peak_memory_mb": peak_memory_mb(device)}
+
+
 def benchmark(args):
     """Sampling, greedy evaluation and one epoch of weighted SFT on a fixed small workload (16 generated
-    arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound. The bound is the
-    work a phase cannot avoid at the measured matmul rate: 2 x parameters FLOPs per token for each
-    prompt encoded once plus each generated token, 6 x per trained token. Sampling is also set against
-    a naive loop that generates one sample of one prompt per call."""
+    arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound (phase_figures).
+    Sampling is also set against a naive loop that generates one sample of one prompt per call."""
     check_args(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--bench measures one process; run it with python, not accelerate launch")
@@ -1537,33 +1547,27 @@ def benchmark(args):
           f"so at most {bound['inference']:.0f} tokens/s encoded or generated, {bound['training']:.0f} trained")
     rows = {}
 
-    def prompt_tokens(some_prompts):
-        return sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in some_prompts)
-
-    def measure(name, work, kind, prompts_once=()):
+    def measure(name, work):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         tokens = work()
-        seconds = time.perf_counter() - start
-        necessary = tokens + prompt_tokens(prompts_once)
-        rows[name] = {"tokens": tokens, "prompt_tokens": necessary - tokens, "seconds": seconds,
-                      "tokens_per_s": tokens / seconds, "share_of_flop_bound": necessary / seconds / bound[kind],
-                      "peak_memory_mb": peak_memory_mb(device)}
+        rows[name] = phase_figures(time.perf_counter() - start, tokens, parameters, rate, device)
 
     def batched_sampling():
         torch.manual_seed(args.seed)
-        return sum(generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[1]
-                   for i in range(0, len(prompts), args.gen_batch_size))
+        return sum((generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[1]
+                    for i in range(0, len(prompts), args.gen_batch_size)), Counter())
 
     def naive_sampling():  # the first 2 questions only: this loop is slow
         torch.manual_seed(args.seed)
-        return sum(generate(model, tokenizer, [prompt], 1, args)[1] for prompt in prompts[:2] for _ in range(args.num_samples))
+        return sum((generate(model, tokenizer, [prompt], 1, args)[1]
+                    for prompt in prompts[:2] for _ in range(args.num_samples)), Counter())
 
     def greedy_evaluation():
         per_call = args.gen_batch_size * args.num_samples
-        return sum(generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[1]
-                   for i in range(0, len(prompts), per_call))
+        return sum((generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[1]
+                    for i in range(0, len(prompts), per_call)), Counter())
 
     def training():
         examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
@@ -1571,12 +1575,12 @@ def benchmark(args):
         train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             tokens, _ = train(model, tokenizer, examples, train_args, Path(os.devnull))
-        return tokens
+        return Counter(trained=tokens)
 
-    measure("sample (batched)", batched_sampling, "inference", prompts)
-    measure("sample (naive loop)", naive_sampling, "inference", prompts[:2])
-    measure("eval (greedy)", greedy_evaluation, "inference", prompts)
-    measure("train (1 epoch)", training, "training")
+    measure("sample (batched)", batched_sampling)
+    measure("sample (naive loop)", naive_sampling)
+    measure("eval (greedy)", greedy_evaluation)
+    measure("train (1 epoch)", training)
     speedup = rows["sample (batched)"]["tokens_per_s"] / rows["sample (naive loop)"]["tokens_per_s"]
     print(f"phase                  tokens  +prompt  seconds  tokens/s  of FLOP bound  peak MB")
     for name, r in rows.items():
@@ -1610,7 +1614,8 @@ def print_summary(report):
             last = report["rounds"][-1]["evaluation"][f"by_{field}"]
             breakdown += f"\nby {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
                                                          for g, a in backbone[f"by_{field}"].items())
-    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}{p['peak_memory_mb']:10.0f}"
+    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
+                       f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"
                        for name, p in report["phases"].items())
     print(f"""
 ==================== EAST summary ====================
@@ -1622,7 +1627,7 @@ example          {ex['question'][:90]!r}
 accuracy on {backbone['total']} test questions (points vs backbone)
   {'backbone':<22}           {100 * backbone['accuracy']:6.1f}%{extra(backbone)}
 {rounds}{breakdown}
-phase                      seconds    tokens   tokens/s   peak MB
+phase                      seconds    tokens   tokens/s  of FLOP bound  peak MB
 {phases}
 ======================================================""")
 
@@ -1636,11 +1641,10 @@ def run(args):
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    phases = {}
+    phases, rate = {}, matmul_flops_per_second(device)
 
-    def phase(name, seconds, tokens=0):
-        phases[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-                        "peak_memory_mb": peak_memory_mb(device)}
+    def phase(name, seconds, tokens=None):
+        phases[name] = phase_figures(seconds, tokens or Counter(), parameters, rate, device)
 
     train_questions, test_questions = load_questions(args)
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions from {args.dataset}")
@@ -1650,8 +1654,9 @@ def run(args):
     model, tokenizer = load_model(args.model, device)
     if is_main():
         wait_for_everyone()
+    parameters = sum(p.numel() for p in model.parameters())
     phase("load model", time.time() - t)
-    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on {device}")
+    print(f"model: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul {rate / 1e9:.0f} GFLOP/s")
 
     # Step 1: sample n paths per training question (or start from an earlier run's samples).
     samples_path = out / "samples.jsonl"

@@ -322,7 +322,7 @@ def test_decoding_loop_matches_transformers_greedy_generate():
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
     args = argparse.Namespace(max_new_tokens=40, temperature=1.0, top_p=1.0)
-    ours, generated = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
+    ours, tokens = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -332,7 +332,7 @@ def test_decoding_loop_matches_transformers_greedy_generate():
     assert len(set(lengths.tolist())) == 4 and lengths.max() == 40  # the case this test is about
     expected = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out, lengths.tolist())]
     assert ours == [[text, text] for text in expected]
-    assert generated == 2 * int(lengths.sum())
+    assert tokens == {"prompt": int(batch["attention_mask"].sum()), "generated": 2 * int(lengths.sum())}
 
 
 # -----------------------------------------------------------------------------
@@ -705,6 +705,8 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path):
     steps = read_jsonl(out / "train_log_alpha2.jsonl")
     assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
     assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
+    sampling = results["phases"]["sample"]  # every run reports what the bench reports
+    assert sampling["tokens"] > 0 and sampling["prompt_tokens"] > 0 and sampling["share_of_flop_bound"] > 0
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
 
@@ -846,6 +848,16 @@ def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_pat
     assert east.main(argv) == 0
     assert all(call[3] == 1 for call in generated)  # only greedy evaluation generated: nothing was sampled
     assert (second / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
+
+
+def test_phase_figures_count_prompt_generated_and_trained_tokens():
+    from collections import Counter
+    cpu = torch.device("cpu")
+    sampling = east.phase_figures(2.0, Counter(prompt=100, generated=50), 1000, 1e6, cpu)
+    assert sampling["tokens"] == 50 and sampling["tokens_per_s"] == 25 and sampling["prompt_tokens"] == 100
+    assert sampling["share_of_flop_bound"] == pytest.approx(2 * 1000 * 150 / 2.0 / 1e6)
+    training = east.phase_figures(1.0, Counter(trained=10), 1000, 1e6, cpu)
+    assert training["tokens"] == 10 and training["share_of_flop_bound"] == pytest.approx(6 * 1000 * 10 / 1e6)
 
 
 def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
