@@ -1235,6 +1235,10 @@ def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=N
     return loss, tokens
 
 
+def trained_length(example):
+    return max(len(example[field]["input_ids"]) for field in ("sequence", "chosen", "rejected") if field in example)
+
+
 def accumulate_gradients(model, examples, args, pad_id):
     """Forward and backward one effective batch in micro-batches; returns (loss, tokens).
 
@@ -1245,7 +1249,8 @@ def accumulate_gradients(model, examples, args, pad_id):
     if args.loss == "kto":
         reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
     total_loss, total_tokens = 0.0, 0
-    share = examples[rank()::world_size()]
+    # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
+    share = sorted(examples, key=trained_length)[rank()::world_size()]
     for start in range(0, len(share), args.micro_batch_size):
         batch = share[start:start + args.micro_batch_size]
         loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
