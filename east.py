@@ -1508,16 +1508,15 @@ def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
     of a few trials, since a shared or throttled machine only ever lowers it."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    wait = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
     a @ b  # warm-up
     best = 0.0
     for _ in range(trials):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        wait()  # GPUs run asynchronously: time the work, not its launch
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        wait()
         best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
     return best
 
