@@ -512,7 +512,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     cache = DynamicCache(config=model.config)
     with autocast(device):
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # the last position's only
     cache.batch_repeat_interleave(num_return)
     logits, mask = logits.repeat_interleave(num_return, 0), mask.repeat_interleave(num_return, 0)
     position = positions[:, -1:].repeat_interleave(num_return, 0)
@@ -1521,13 +1521,22 @@ def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
     return best
 
 
-def phase_figures(seconds, tokens, parameters, flops_per_second, device):
-    """Time, tokens/s, peak memory and share of the FLOP bound of one phase. The bound counts 2 x parameters
-    FLOPs per token through the model (each prompt token encoded, each token generated) and 6 x per
-    trained token (forward and backward), at the measured matmul rate."""
+def flops_per_token(model):
+    """2 FLOPs per parameter a token is multiplied through (6 when trained: forward and backward): every
+    layer's, plus the output head where logits are computed, which a prompt's tokens skip. Embedding
+    lookups cost nothing."""
+    head = model.get_output_embeddings().weight
+    lookup_or_head = {id(model.get_input_embeddings().weight), id(head)}
+    layers = sum(p.numel() for p in model.parameters() if id(p) not in lookup_or_head)
+    return {"prompt": 2 * layers, "generated": 2 * (layers + head.numel()), "trained": 6 * (layers + head.numel())}
+
+
+def phase_figures(seconds, tokens, flops, flops_per_second, device):
+    """Time, tokens/s, peak memory and share of the FLOP bound of one phase: the FLOPs of its prompt,
+    generated and trained tokens (flops_per_token) against the measured matmul rate."""
     seconds = max(seconds, 1e-9)
     made = tokens["generated"] + tokens["trained"]
-    work = 2 * parameters * (tokens["prompt"] + tokens["generated"]) + 6 * parameters * tokens["trained"]
+    work = sum(tokens[kind] * flops[kind] for kind in ("prompt", "generated", "trained"))
     return {"seconds": seconds, "tokens": made, "prompt_tokens": tokens["prompt"], "tokens_per_s": made / seconds,
             "share_of_flop_bound": work / seconds / flops_per_second, "peak_memory_mb": peak_memory_mb(device)}
 
@@ -1544,11 +1553,12 @@ def benchmark(args):
     model, tokenizer = load_model(args.model, device)
     questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
     prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
     rate = matmul_flops_per_second(device)
-    bound = {"inference": rate / (2 * parameters), "training": rate / (6 * parameters)}
+    bound = {kind: rate / flops[kind] for kind in flops}
     print(f"bench: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul {rate / 1e9:.0f} GFLOP/s, "
-          f"so at most {bound['inference']:.0f} tokens/s encoded or generated, {bound['training']:.0f} trained")
+          f"so at most {bound['prompt']:.0f} prompt, {bound['generated']:.0f} generated or {bound['trained']:.0f} "
+          f"trained tokens/s")
     rows = {}
 
     def measure(name, work):
@@ -1556,7 +1566,7 @@ def benchmark(args):
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         tokens = work()
-        rows[name] = phase_figures(time.perf_counter() - start, tokens, parameters, rate, device)
+        rows[name] = phase_figures(time.perf_counter() - start, tokens, flops, rate, device)
 
     def batched_sampling():
         torch.manual_seed(args.seed)
@@ -1592,7 +1602,7 @@ def benchmark(args):
               f"{100 * r['share_of_flop_bound']:14.0f}%{r['peak_memory_mb']:9.0f}")
     print(f"batched sampling is {speedup:.1f}x the naive loop "
           f"(n={args.num_samples}, {args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
-    report = {"config": vars(args), "matmul_flops_per_s": rate, "flop_bound_tokens_per_s": bound,
+    report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": flops, "flop_bound_tokens_per_s": bound,
               "phases": rows, "sampling_speedup_vs_naive": speedup}
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -1648,7 +1658,7 @@ def run(args):
     phases, rate = {}, matmul_flops_per_second(device)
 
     def phase(name, seconds, tokens=None):
-        phases[name] = phase_figures(seconds, tokens or Counter(), parameters, rate, device)
+        phases[name] = phase_figures(seconds, tokens or Counter(), flops, rate, device)
 
     train_questions, test_questions = load_questions(args)
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions from {args.dataset}")
@@ -1658,7 +1668,7 @@ def run(args):
     model, tokenizer = load_model(args.model, device)
     if is_main():
         wait_for_everyone()
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
     phase("load model", time.time() - t)
     print(f"model: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul {rate / 1e9:.0f} GFLOP/s")
 

@@ -850,14 +850,18 @@ def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_pat
     assert (second / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
 
 
-def test_phase_figures_count_prompt_generated_and_trained_tokens():
+def test_flops_per_token_and_phase_figures(tiny_model):
     from collections import Counter
-    cpu = torch.device("cpu")
-    sampling = east.phase_figures(2.0, Counter(prompt=100, generated=50), 1000, 1e6, cpu)
+    model, _ = east.load_model(str(tiny_model), torch.device("cpu"))  # untied: embedding 6x16, head 6x16
+    layers = sum(p.numel() for p in model.parameters()) - 2 * 6 * 16
+    assert east.flops_per_token(model) == {"prompt": 2 * layers, "generated": 2 * (layers + 96),
+                                           "trained": 6 * (layers + 96)}
+    cpu, flops = torch.device("cpu"), {"prompt": 1000, "generated": 1200, "trained": 3600}
+    sampling = east.phase_figures(2.0, Counter(prompt=100, generated=50), flops, 1e6, cpu)
     assert sampling["tokens"] == 50 and sampling["tokens_per_s"] == 25 and sampling["prompt_tokens"] == 100
-    assert sampling["share_of_flop_bound"] == pytest.approx(2 * 1000 * 150 / 2.0 / 1e6)
-    training = east.phase_figures(1.0, Counter(trained=10), 1000, 1e6, cpu)
-    assert training["tokens"] == 10 and training["share_of_flop_bound"] == pytest.approx(6 * 1000 * 10 / 1e6)
+    assert sampling["share_of_flop_bound"] == pytest.approx((100 * 1000 + 50 * 1200) / 2.0 / 1e6)
+    training = east.phase_figures(1.0, Counter(trained=10), flops, 1e6, cpu)
+    assert training["tokens"] == 10 and training["share_of_flop_bound"] == pytest.approx(10 * 3600 / 1e6)
 
 
 def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
