@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 
 run: install
 	$(PY) east.py --model smollm2-135m --dataset arith --train-size 40 --eval-size 40 \
-		--num-samples 4 --max-new-tokens 80 --temperature 0.7 --gen-batch-size 16 \
+		--num-samples 4 --max-new-tokens 80 --temperature 0.7 \
 		--epochs 2 --batch-size 8 --micro-batch-size 4 --lr 2e-5 --output-dir $(RUN_DIR)
 
 test: install

@@ -81,7 +81,9 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     g.add_argument("--max-new-tokens", type=int, default=512, help="length limit of each path")
-    g.add_argument("--gen-batch-size", type=int, default=16, help="questions per generate() call (x n sequences)")
+    g.add_argument("--gen-batch-size", default="auto",
+                   help="questions per generate() call (x n sequences); auto: about 128 sequences on a CPU, "
+                        "on a GPU as many as 40%% of its free memory holds")
     g.add_argument("--samples", default=None, help="start from the samples.jsonl of an earlier run (same questions and n)")
     g = p.add_argument_group("weighting (step 5)")
     g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
@@ -125,7 +127,11 @@ def check_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     if args.eval_samples < 0:
         raise UsageError(f"--eval-samples must be 0 or more, got {args.eval_samples}")
-    for flag in ("num_samples", "max_new_tokens", "gen_batch_size", "epochs", "batch_size",
+    if args.gen_batch_size != "auto":
+        if not str(args.gen_batch_size).isdigit() or int(args.gen_batch_size) < 1:
+            raise UsageError(f"--gen-batch-size must be auto or at least 1, got {args.gen_batch_size}")
+        args.gen_batch_size = int(args.gen_batch_size)
+    for flag in ("num_samples", "max_new_tokens", "epochs", "batch_size",
                  "micro_batch_size", "train_size", "eval_size", "iterations"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -464,6 +470,27 @@ def render_prompt(tokenizer, question):
 
 # -----------------------------------------------------------------------------
 # Sampling (step 1), also used for greedy evaluation
+
+
+CPU_SEQUENCES_PER_CALL = 128  # bundled model, 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s
+PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a GPU batch
+
+
+def questions_per_call(model, args, device):
+    """--gen-batch-size auto: enough questions for about 128 sequences per call on a CPU (the measured
+    best), and on a GPU as many sequences as 40% of its free memory holds at full length (the KV cache
+    in bf16, plus the fp32 logits and their few working copies), at most 1024."""
+    if args.gen_batch_size != "auto":
+        return args.gen_batch_size
+    if device.type != "cuda":
+        return max(1, CPU_SEQUENCES_PER_CALL // args.num_samples)
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cache_per_token = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * head_dim * 2
+    per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(1024, int(0.4 * free_bytes) // per_sequence) // args.num_samples)
 
 
 def end_token_ids(model, tokenizer):
@@ -1551,6 +1578,7 @@ def benchmark(args):
     device = resolve_device(args.device)
     out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
+    args.gen_batch_size = questions_per_call(model, args, device)
     questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
     prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
     parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
@@ -1671,6 +1699,8 @@ def run(args):
     parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
     phase("load model", time.time() - t)
     print(f"model: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul {rate / 1e9:.0f} GFLOP/s")
+    args.gen_batch_size = min(gather([questions_per_call(model, args, device)]))  # the same batches in every process
+    print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
 
     # Step 1: sample n paths per training question (or start from an earlier run's samples).
     samples_path = out / "samples.jsonl"

@@ -284,6 +284,24 @@ def test_weights_degenerate_cases():
 # -----------------------------------------------------------------------------
 # Sampling
 
+def test_questions_per_call_auto(tiny_model, monkeypatch):
+    model, _ = east.load_model(str(tiny_model), torch.device("cpu"))
+    args = east.build_parser().parse_args(["--num-samples", "8", "--max-new-tokens", "512"])
+    assert args.gen_batch_size == "auto"
+    assert east.questions_per_call(model, args, torch.device("cpu")) == 128 // 8
+    args.num_samples = 500  # more samples than the CPU target: still one question per call
+    assert east.questions_per_call(model, args, torch.device("cpu")) == 1
+    # On a GPU, from its free memory: the tiny model's cache is 2 (K, V) x 1 layer x 2 heads x 8 dims x 2 bytes
+    # = 64 bytes per token, so a sequence of 512 + 512 tokens and 6 logits takes 64 x 1024 + 16 x 6 bytes.
+    args.num_samples = 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000_000, 80_000_000))
+    assert east.questions_per_call(model, args, torch.device("cuda")) == int(0.4 * 10_000_000) // (64 * 1024 + 96) // 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 10**12))
+    assert east.questions_per_call(model, args, torch.device("cuda")) == 1024 // 8  # at most 1024 sequences
+    args.gen_batch_size = 5
+    assert east.questions_per_call(model, args, torch.device("cuda")) == 5
+
+
 def test_next_tokens_samples_the_tempered_nucleus():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(40_000, 1)
 
@@ -622,6 +640,8 @@ def write(path, text):
     (["--loss", "dpo", "--beta", "0"], "--beta must be a positive number"),
     (["--alpha", "1", "nan"], "--alpha must be a finite number"),
     (["--iterations", "0"], "--iterations must be at least 1"),
+    (["--gen-batch-size", "0"], "--gen-batch-size must be auto or at least 1"),
+    (["--gen-batch-size", "many"], "--gen-batch-size must be auto or at least 1"),
     (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
     (["--samples", "/no/such/samples.jsonl"], "--samples /no/such/samples.jsonl does not exist"),
 ])
