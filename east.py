@@ -486,8 +486,9 @@ def questions_per_call(model, args, device):
         return max(1, CPU_SEQUENCES_PER_CALL // args.num_samples)
     config = model.config.get_text_config()
     heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    cache_per_token = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * head_dim * 2
+    cache_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 2  # keys and values, 2 bytes each
     per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
     free_bytes, _ = torch.cuda.mem_get_info(device)
     return max(1, min(1024, int(0.4 * free_bytes) // per_sequence) // args.num_samples)
@@ -516,9 +517,11 @@ def next_tokens(logits, args, greedy):
         ranked[ranked.cumsum(-1) - ranked > args.top_p] = 0  # keep the smallest top set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, ranked)
     # Inverse-CDF sampling: the same distribution as torch.multinomial, at a fraction of its cost on CPU.
+    # The first token whose cumulative mass exceeds u (side="right"), so a zero-probability token is never
+    # drawn, not even for u = 0.
     cdf = probs.cumsum(-1)
     u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+    return torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.inference_mode()

@@ -318,6 +318,14 @@ def test_next_tokens_samples_the_tempered_nucleus():
     assert east.next_tokens(logits[:3], None, greedy=True).tolist() == [0, 0, 0]
 
 
+def test_a_zero_probability_token_is_never_drawn(monkeypatch):
+    # u = 0 is a possible draw (torch.rand covers [0, 1)); it must still land on a token with mass
+    logits = torch.tensor([[-float("inf"), 0.0, 0.0], [5.0, -float("inf"), 1.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.zeros(*shape))
+    drawn = east.next_tokens(logits, argparse.Namespace(temperature=1.0, top_p=0.5), greedy=False)
+    assert drawn.tolist() == [1, 0]
+
+
 @pytest.mark.parametrize("spread", [0.5, 8.0])  # a flat row (nucleus beyond the top candidates), a peaked one
 def test_nucleus_from_top_candidates_equals_nucleus_from_a_full_sort(spread):
     torch.manual_seed(1)
