@@ -167,9 +167,13 @@ def autocast(device):
 # Batches and seeds are the same as in one process, so the samples and predictions are too.
 
 
+def launched_as_several():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch and torchrun
+
+
 def start_processes(device):
     """Joins the process group when launched as several processes; returns this process's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not launched_as_several():
         return device
     from accelerate import PartialState
     return PartialState(cpu=device.type == "cpu").device  # gloo on CPU, NCCL on CUDA (a GPU per process)
@@ -197,6 +201,11 @@ def is_main():
 def wait_for_everyone():
     if world_size() > 1:
         torch.distributed.barrier()
+
+
+def my_share(items):
+    """This process's part of a list: every world_size-th item, from its rank on (all of it in one process)."""
+    return items[rank()::world_size()]
 
 
 def gather(items):
@@ -537,7 +546,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(device)  # the chat template already has its specials
     mask = batch["attention_mask"]
-    tokens = Counter(prompt=int(mask.sum()))
+    counts = Counter(prompt=int(mask.sum()))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
     cache = DynamicCache(config=model.config)
     with autocast(device):
@@ -566,10 +575,9 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
         with autocast(device):
             logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position,
                            past_key_values=cache, use_cache=True).logits[:, -1]
-    texts = [tokenizer.decode(tokens[:-1] if tokens[-1] in end_ids else tokens, skip_special_tokens=True)
-             for tokens in outputs]
-    tokens["generated"] = sum(len(generated) for generated in outputs)  # an end token was generated too
-    return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], tokens
+    texts = [tokenizer.decode(ids[:-1] if ids[-1] in end_ids else ids, skip_special_tokens=True) for ids in outputs]
+    counts["generated"] = sum(len(ids) for ids in outputs)  # an end token was generated too
+    return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], counts
 
 
 def read_records(path, questions, num_samples):
@@ -628,7 +636,7 @@ def sample_responses(model, tokenizer, questions, args, path):
     print(f"sampling: n={args.num_samples} per question, {len(questions) - len(todo)} of {len(questions)} "
           f"questions already in {path}, {len(todo)} to go")
     todo.sort(key=lambda q: len(q["question"]))  # similar lengths per batch: less padding
-    starts = list(range(0, len(todo), args.gen_batch_size))[rank()::world_size()]
+    starts = my_share(range(0, len(todo), args.gen_batch_size))
     tokens = Counter()
     with tqdm(total=sum(len(todo[s:s + args.gen_batch_size]) for s in starts), desc="sampling", unit="q",
               disable=not is_main()) as bar:
@@ -1218,7 +1226,7 @@ def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
     """DPO and KTO compare with the frozen starting model: its sequence log-probabilities are computed
     once, before training, so no second copy of the model is held in memory."""
     model.eval()
-    share = list(range(len(examples)))[rank()::world_size()]  # several processes: each does a share
+    share = my_share(range(len(examples)))  # with several processes each computes a share
     for field in REFERENCE_FIELDS[loss]:
         values = []
         for start in range(0, len(share), micro_batch_size):
@@ -1234,7 +1242,7 @@ def kto_reference_point(model, examples, micro_batch_size, pad_id):
     """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
     a mismatched response (KTO paper). No gradient flows through it; computed over the whole effective
     batch before any micro-batch, so accumulation does not change it."""
-    gaps, share = [], examples[rank()::world_size()]
+    gaps, share = [], my_share(examples)
     for start in range(0, len(share), micro_batch_size):
         batch = share[start:start + micro_batch_size]
         logits, labels, _ = forward(model, [e["mismatched"] for e in batch], pad_id)
@@ -1280,7 +1288,7 @@ def accumulate_gradients(model, examples, args, pad_id):
         reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
     total_loss, total_tokens = 0.0, 0
     # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
-    share = sorted(examples, key=trained_length)[rank()::world_size()]
+    share = my_share(sorted(examples, key=trained_length))
     for start in range(0, len(share), args.micro_batch_size):
         batch = share[start:start + args.micro_batch_size]
         loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
@@ -1350,7 +1358,7 @@ def evaluate(model, tokenizer, questions, args, path, label):
     own_file(path).unlink(missing_ok=True)  # predictions always belong to the model evaluated now
     order = sorted(questions, key=lambda q: len(q["question"]))
     per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
-    starts = list(range(0, len(order), per_call))[rank()::world_size()]
+    starts = my_share(range(0, len(order), per_call))
     with tqdm(total=sum(len(order[s:s + per_call]) for s in starts), desc=f"evaluating {label}", unit="q",
               disable=not is_main()) as bar:
         for start in starts:
@@ -1538,7 +1546,7 @@ def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
     of a few trials, since a shared or throttled machine only ever lowers it."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    wait = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
+    wait = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     a @ b  # warm-up
     best = 0.0
     for _ in range(trials):
@@ -1576,7 +1584,7 @@ def benchmark(args):
     arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound (phase_figures).
     Sampling is also set against a naive loop that generates one sample of one prompt per call."""
     check_args(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_as_several():
         raise UsageError("--bench measures one process; run it with python, not accelerate launch")
     device = resolve_device(args.device)
     out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
