@@ -105,6 +105,9 @@ def build_parser():
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, one more forward pass of time")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with several processes, split the weights, gradients and AdamW state among them while "
+                        "training (PyTorch FSDP): for models whose training state does not fit one device")
     g = p.add_argument_group("evaluation (step 7)")
     g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
     g = p.add_argument_group("run")
@@ -142,6 +145,9 @@ def check_args(args):
         raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
     if not 0 <= args.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.fsdp and not launched_as_several():
+        raise UsageError("--fsdp splits training among several processes; start them with "
+                         "accelerate launch --multi_gpu --num_processes K east.py ... (or torchrun)")
 
 
 def resolve_device(name):
@@ -215,6 +221,17 @@ def gather(items):
     parts = [None] * world_size()
     torch.distributed.all_gather_object(parts, items)
     return [item for part in parts for item in part]
+
+
+def micro_batches(examples, size, lockstep):
+    """This process's share of examples, cut into micro-batches of (examples, counts). With lockstep every
+    process makes as many forward passes as the busiest one (a sharded model gathers its weights in each
+    pass, together): the extra passes repeat an example and count zero."""
+    share = my_share(examples)
+    batches = [(share[start:start + size], 1.0) for start in range(0, len(share), size)]
+    if lockstep:
+        batches += [(examples[:1], 0.0)] * (max(gather([len(batches)])) - len(batches))
+    return batches
 
 
 def own_file(path):
@@ -1242,11 +1259,11 @@ def kto_reference_point(model, examples, micro_batch_size, pad_id):
     """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
     a mismatched response (KTO paper). No gradient flows through it; computed over the whole effective
     batch before any micro-batch, so accumulation does not change it."""
-    gaps, share = [], my_share(examples)
-    for start in range(0, len(share), micro_batch_size):
-        batch = share[start:start + micro_batch_size]
+    gaps = []
+    for batch, counts in micro_batches(examples, micro_batch_size, lockstep=is_sharded(model)):
         logits, labels, _ = forward(model, [e["mismatched"] for e in batch], pad_id)
-        gaps += (sequence_logprobs(logits, labels).cpu() - torch.tensor([e["reference_mismatched"] for e in batch])).tolist()
+        if counts:
+            gaps += (sequence_logprobs(logits, labels).cpu() - torch.tensor([e["reference_mismatched"] for e in batch])).tolist()
     gaps = gather(gaps)
     return max(0.0, sum(gaps) / len(gaps))
 
@@ -1281,37 +1298,74 @@ def accumulate_gradients(model, examples, args, pad_id):
     """Forward and backward one effective batch in micro-batches; returns (loss, tokens).
 
     With several processes each takes every world_size-th example; every loss is already divided by
-    the whole batch's size, so summing the processes' gradients gives the whole batch's gradient.
+    the whole batch's size, so summing the processes' gradients gives the whole batch's gradient
+    (a sharded model sums them itself, each process keeping its part).
     """
     reference_point = None
     if args.loss == "kto":
         reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
     total_loss, total_tokens = 0.0, 0
     # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
-    share = my_share(sorted(examples, key=trained_length))
-    for start in range(0, len(share), args.micro_batch_size):
-        batch = share[start:start + args.micro_batch_size]
+    for batch, counts in micro_batches(sorted(examples, key=trained_length), args.micro_batch_size,
+                                       lockstep=is_sharded(model)):
         loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
-        loss.backward()
-        total_loss += loss.item()
-        total_tokens += tokens
+        (counts * loss).backward()
+        total_loss += counts * loss.item()
+        total_tokens += int(counts * tokens)
     if world_size() > 1:
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                if parameter.grad is None:  # this process had no example in this batch
-                    parameter.grad = torch.zeros_like(parameter)
-                torch.distributed.all_reduce(parameter.grad)
+        if not is_sharded(model):
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    if parameter.grad is None:  # this process had no example in this batch
+                        parameter.grad = torch.zeros_like(parameter)
+                    torch.distributed.all_reduce(parameter.grad)
         total_loss, total_tokens = sum(gather([total_loss])), sum(gather([total_tokens]))
     return total_loss, total_tokens
 
 
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard(model):
+    """Splits every parameter of model among the processes, in place (FSDP2): each keeps 1/world_size of
+    the weights, gradients and AdamW state, and gathers one layer's whole weights at a time to use them."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    for module in list(model.modules()):
+        if type(module).__name__ in (model._no_split_modules or ()):  # the transformer blocks
+            fully_shard(module)
+    fully_shard(model)  # the rest: embeddings, final norm, output head
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum, not average: each loss already divides by the batch
+            module.set_force_sum_reduction_for_comms(True)  # a plain sum, which gloo (CPU) can do too
+    return model
+
+
+@torch.no_grad()
+def unshard(sharded):
+    """A whole copy of a sharded model in every process, for sampling and evaluation; the processes gather
+    it one parameter at a time, so no more than one extra parameter is held at once."""
+    from transformers import AutoModelForCausalLM
+    with torch.device(next(sharded.parameters()).device):
+        model = AutoModelForCausalLM.from_config(sharded.config, dtype=torch.float32)
+    for (name, part), (own_name, whole) in zip(sharded.named_parameters(), model.named_parameters(), strict=True):
+        assert name == own_name, (name, own_name)
+        whole.copy_(part.full_tensor())
+    return model.eval()
+
+
 def train(model, tokenizer, examples, args, log_path):
-    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step."""
+    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step.
+    Returns (the trained model, tokens, seconds): with --fsdp a new, whole model."""
     from transformers import get_linear_schedule_with_warmup
     if args.loss != "sft":
         add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if args.fsdp:
+        model = shard(model)
     model.train()
     rng = random.Random(args.seed)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
@@ -1319,7 +1373,8 @@ def train(model, tokenizer, examples, args, log_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
     print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
-          f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}")
+          f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
+          + (f", sharded among {world_size()} processes" if args.fsdp else ""))
     step, tokens_total, start_time = 0, 0, time.time()
     with open(log_path if is_main() else os.devnull, "w", encoding="utf-8") as log:
         for epoch in range(1, args.epochs + 1):
@@ -1342,8 +1397,11 @@ def train(model, tokenizer, examples, args, log_path):
                 log.flush()
     if args.gradient_checkpointing:
         model.activation_checkpointing_disable()
+    if args.fsdp:
+        del optimizer, scheduler  # free the AdamW state before the whole model is gathered
+        model = unshard(model)
     model.eval()
-    return tokens_total, time.time() - start_time
+    return model, tokens_total, time.time() - start_time
 
 
 # -----------------------------------------------------------------------------
@@ -1435,7 +1493,8 @@ def worked_example(scored, n):
 
 
 def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, out, phase):
-    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate."""
+    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate.
+    Returns (the trained model, the round's report)."""
     scored = score_questions(records, alpha, args)
     with open(out / f"weights_{tag}.jsonl" if is_main() else os.devnull, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
@@ -1451,7 +1510,7 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
     if not examples:
         raise UsageError(f"--loss {args.loss} needs questions with both a correct and a wrong sample, and none has; "
                          f"use --loss sft or a larger --num-samples")
-    tokens, seconds = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
+    model, tokens, seconds = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
     phase(f"train {tag}", seconds, Counter(trained=tokens))
     if args.save_model and is_main():
         model.save_pretrained(out / f"model_{tag}")
@@ -1463,7 +1522,7 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
     print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% ({evaluation['correct']}/{evaluation['total']})")
     entropies = [s["entropy"] for s in scored]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
-    return {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
+    return model, {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
             "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
                        "partial_agreement": partial},
             "entropy": describe(entropies), "weights": describe(weights), "example": worked_example(scored, args.num_samples),
@@ -1627,7 +1686,7 @@ def benchmark(args):
                     for q in make_arith(BENCH_QUESTIONS, args.seed)]
         train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            tokens, _ = train(model, tokenizer, examples, train_args, Path(os.devnull))
+            _, tokens, _ = train(model, tokenizer, examples, train_args, Path(os.devnull))
         return Counter(trained=tokens)
 
     measure("sample (batched)", batched_sampling)
@@ -1746,8 +1805,9 @@ def run(args):
                     round_records, tokens = sample_responses(model, tokenizer, train_questions, args,
                                                              out / f"samples_{tag}.jsonl")
                     phase(f"sample {tag}", time.time() - t, tokens)
-                rounds.append(self_training_round(model, tokenizer, round_records, alpha, tag, test_questions,
-                                                  args, out, phase))
+                model, result = self_training_round(model, tokenizer, round_records, alpha, tag, test_questions,
+                                                    args, out, phase)
+                rounds.append(result)
     finally:  # also when a round cannot train or is interrupted: the backbone and finished rounds are kept
         if rounds:
             report["entropies"] = rounds[0].pop("entropies", None)

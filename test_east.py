@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -739,6 +740,15 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
 
 
+def launch_two_processes(argv):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    return subprocess.run([*launch, east.__file__, *argv], capture_output=True, text=True, timeout=300)
+
+
 def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_path):
     # accelerate launch on 2 CPU processes (gloo): each samples and evaluates its share of the batches
     # and they train as one model. Same batches and seeds, so the same samples and predictions; the
@@ -746,13 +756,7 @@ def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_pat
     # (--multi_gpu starts torchrun's processes; accelerate's --cpu flag would start just one.)
     flags = ("--loss", "kto", "--eval-samples", "2")
     assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "one", *flags)) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    two_run = subprocess.run([*launch, east.__file__, *tiny_argv(tiny_model, sevens_file, tmp_path / "two", *flags)],
-                             capture_output=True, text=True, timeout=600)
+    two_run = launch_two_processes(tiny_argv(tiny_model, sevens_file, tmp_path / "two", *flags))
     assert two_run.returncode == 0, two_run.stderr[-3000:]
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     assert by_question(read_jsonl(two_dir / "samples.jsonl")) == by_question(read_jsonl(one_dir / "samples.jsonl"))
@@ -765,6 +769,36 @@ def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_pat
     assert two["rounds"][0]["evaluation"]["total"] == one["rounds"][0]["evaluation"]["total"] == 2
     assert not list(two_dir.glob("*.process*"))  # every process's own file was merged
     assert two_run.stdout.count("EAST summary") == 1  # the main process reports for both
+
+
+def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, sevens_file, tmp_path):
+    # --fsdp: each process keeps half of every parameter, gradient and AdamW state. With tied embeddings
+    # (as in SmolLM2 and Qwen2.5), and batches of 3 at one example per pass, so one process makes fewer
+    # passes and must pad to keep step with the other. KTO also gathers its reference point in lockstep.
+    from transformers import AutoModelForCausalLM
+    tied = tmp_path / "tied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tied)
+    shutil.copytree(tiny_model, tied, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    flags = ("--loss", "kto", "--batch-size", "3", "--micro-batch-size", "1", "--save-model")
+    assert east.main(tiny_argv(tied, sevens_file, tmp_path / "one", *flags)) == 0
+    two_run = launch_two_processes(tiny_argv(tied, sevens_file, tmp_path / "two", *flags, "--fsdp"))
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    assert "sharded among 2 processes" in two_run.stdout
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
+    assert len(one_log) >= 2 and [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
+    one, two = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1") for d in (one_dir, two_dir))
+    start = AutoModelForCausalLM.from_pretrained(tied)
+    assert two.lm_head.weight.data_ptr() == two.model.embed_tokens.weight.data_ptr()  # still tied
+    for (name, trained), whole, before in zip(two.named_parameters(), one.parameters(), start.parameters()):
+        assert not torch.equal(trained, before), name
+        assert torch.allclose(trained, whole, rtol=1e-4, atol=1e-6), name
+    one_eval, two_eval = (read_jsonl(d / "predictions_alpha1.jsonl") for d in (one_dir, two_dir))
+    assert [r["response"] for r in two_eval] == [r["response"] for r in one_eval]  # the gathered model evaluates
 
 
 def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
