@@ -28,6 +28,7 @@ Every intermediate lands in --output-dir as JSONL; a rerun with the same folder 
 import argparse
 import contextlib
 import functools
+import gc
 import importlib.util
 import json
 import math
@@ -85,6 +86,9 @@ def build_parser():
                    help="questions per generate() call (x n sequences); auto: about 128 sequences on a CPU, "
                         "on a GPU as many as 40%% of its free memory holds")
     g.add_argument("--samples", default=None, help="start from the samples.jsonl of an earlier run (same questions and n)")
+    g.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="what samples and evaluates: east.py's own decoding loop, or vLLM when it is installed "
+                        "(one process, a CUDA GPU); training always uses transformers")
     g = p.add_argument_group("weighting (step 5)")
     g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
                    help="exponent a of the mapping f; 0 = vanilla; several values sweep a on one sample set")
@@ -145,6 +149,13 @@ def check_args(args):
         raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
     if not 0 <= args.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
+                             "or leave out --engine to use east.py's own decoding loop")
+        if launched_as_several():
+            raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
+                             "without accelerate launch, or leave out --engine vllm")
     if args.fsdp and not launched_as_several():
         raise UsageError("--fsdp splits training among several processes; start them with "
                          "accelerate launch --multi_gpu --num_processes K east.py ... (or torchrun)")
@@ -500,6 +511,7 @@ def render_prompt(tokenizer, question):
 
 CPU_SEQUENCES_PER_CALL = 128  # bundled model, 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s
 PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a GPU batch
+VLLM_SEQUENCES_PER_CALL = 4096
 
 
 def questions_per_call(model, args, device):
@@ -508,6 +520,8 @@ def questions_per_call(model, args, device):
     in bf16, plus the fp32 logits and their few working copies), at most 1024."""
     if args.gen_batch_size != "auto":
         return args.gen_batch_size
+    if args.engine == "vllm":  # vLLM batches within a call itself; each call is one saved step of progress
+        return max(1, VLLM_SEQUENCES_PER_CALL // args.num_samples)
     if device.type != "cuda":
         return max(1, CPU_SEQUENCES_PER_CALL // args.num_samples)
     config = model.config.get_text_config()
@@ -558,6 +572,8 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     num_return samples; a sequence leaves the batch as soon as it emits an end token, so finished
     samples cost nothing while long ones go on. Sampling uses exactly --temperature and --top-p.
     """
+    if args.engine == "vllm":
+        return generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy)
     from transformers import DynamicCache
     device = next(model.parameters()).device
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
@@ -595,6 +611,60 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     texts = [tokenizer.decode(ids[:-1] if ids[-1] in end_ids else ids, skip_special_tokens=True) for ids in outputs]
     counts["generated"] = sum(len(ids) for ids in outputs)  # an end token was generated too
     return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], counts
+
+
+# --engine vllm: vLLM holds its own copy of the weights in GPU memory, so it is started from the weights
+# of the model being sampled (saved to OUTPUT_DIR/vllm_model), while that model waits in CPU memory, and
+# shut down before training gives the GPU back to the model being trained.
+vllm_running = {}  # "engine": the vllm.LLM; "model": the model it was started from; "device": where that model was
+
+
+def start_vllm(model, tokenizer, args):
+    if vllm_running.get("model") is model:
+        return vllm_running["engine"]
+    stop_vllm()
+    from vllm import LLM
+    folder = Path(args.output_dir) / "vllm_model"
+    model.save_pretrained(folder, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    tokenizer.save_pretrained(folder)
+    device = next(model.parameters()).device
+    model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"starting vLLM on {folder}")
+    engine = LLM(model=str(folder), dtype="bfloat16", seed=args.seed, trust_remote_code=False)
+    vllm_running.update(engine=engine, model=model, device=device)
+    return engine
+
+
+def stop_vllm():
+    """Shuts vLLM down and puts the model it was started from back on its device."""
+    if not vllm_running:
+        return
+    engine = vllm_running.pop("engine")
+    if hasattr(engine, "shutdown"):  # newer vLLM; older ones free the GPU when the engine is collected
+        engine.shutdown()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    vllm_running.pop("model").to(vllm_running.pop("device"))
+
+
+def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy=False):
+    """generate() through vLLM: the same prompts (as token ids), end tokens, length limit, temperature and
+    top-p; its own random numbers, drawn from a seed that follows torch's, so a rerun samples the same."""
+    from vllm import SamplingParams
+    engine = start_vllm(model, tokenizer, args)
+    params = SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature,
+                            top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
+                            stop_token_ids=sorted(end_token_ids(model, tokenizer)),
+                            seed=int(torch.randint(2 ** 31 - 1, ())))
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    results = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    counts = Counter(prompt=sum(map(len, prompt_ids)),
+                     generated=sum(len(sample.token_ids) for result in results for sample in result.outputs))
+    return [[sample.text for sample in result.outputs] for result in results], counts
 
 
 def read_records(path, questions, num_samples):
@@ -1360,6 +1430,7 @@ def train(model, tokenizer, examples, args, log_path):
     """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step.
     Returns (the trained model, tokens, seconds): with --fsdp a new, whole model."""
     from transformers import get_linear_schedule_with_warmup
+    stop_vllm()  # with --engine vllm: the GPU is the trained model's now
     if args.loss != "sft":
         add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
     if args.gradient_checkpointing:
@@ -1645,6 +1716,8 @@ def benchmark(args):
     check_args(args)
     if launched_as_several():
         raise UsageError("--bench measures one process; run it with python, not accelerate launch")
+    if args.engine == "vllm":
+        raise UsageError("--bench measures east.py's own decoding loop; leave out --engine vllm")
     device = resolve_device(args.device)
     out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
@@ -1796,6 +1869,7 @@ def run(args):
     try:
         for number, alpha in enumerate(args.alpha):
             if number > 0:
+                stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
                 model, tokenizer = load_model(args.model, device)
             round_records = records
             for iteration in range(1, args.iterations + 1):
@@ -1809,6 +1883,7 @@ def run(args):
                                                     args, out, phase)
                 rounds.append(result)
     finally:  # also when a round cannot train or is interrupted: the backbone and finished rounds are kept
+        stop_vllm()
         if rounds:
             report["entropies"] = rounds[0].pop("entropies", None)
         if is_main():

@@ -1,5 +1,6 @@
 """Tests for east.py: offline, on the real data in ../shared/data and a tiny model built here."""
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -348,7 +350,7 @@ def test_decoding_loop_matches_transformers_greedy_generate():
     model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
-    args = argparse.Namespace(max_new_tokens=40, temperature=1.0, top_p=1.0)
+    args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0)
     ours, tokens = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     with torch.inference_mode():
@@ -653,6 +655,8 @@ def write(path, text):
     (["--gen-batch-size", "many"], "--gen-batch-size must be auto or at least 1"),
     (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
     (["--samples", "/no/such/samples.jsonl"], "--samples /no/such/samples.jsonl does not exist"),
+    (["--fsdp"], "--fsdp splits training among several processes"),
+    (["--engine", "vllm"], "--engine vllm needs vLLM"),  # not installed here: it needs CUDA
 ])
 def test_bad_arguments(extra, fragment, tmp_path, capsys):
     argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu", *extra]
@@ -799,6 +803,74 @@ def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, seven
         assert torch.allclose(trained, whole, rtol=1e-4, atol=1e-6), name
     one_eval, two_eval = (read_jsonl(d / "predictions_alpha1.jsonl") for d in (one_dir, two_dir))
     assert [r["response"] for r in two_eval] == [r["response"] for r in one_eval]  # the gathered model evaluates
+
+
+def stand_in_vllm(engines):
+    """A stand-in for the vllm package, which needs CUDA and cannot be installed here: its LLM loads the
+    folder it is given with transformers and answers with east.py's own decoding loop, in vLLM's output
+    shapes. It checks how east.py drives vLLM (weights, prompts, parameters, shutdown), not vLLM."""
+    module = types.ModuleType("vllm")
+
+    class SamplingParams:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    class LLM:
+        def __init__(self, model, dtype, seed, trust_remote_code):
+            assert dtype == "bfloat16" and not trust_remote_code
+            self.model, self.tokenizer = east.load_model(model, torch.device("cpu"))
+            self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.calls, self.running = [], True
+            engines.append(self)
+
+        def generate(self, prompts, params, use_tqdm):
+            self.calls.append((prompts, params))
+            args = argparse.Namespace(engine="transformers", max_new_tokens=params.max_tokens,
+                                      temperature=params.temperature or 1.0, top_p=params.top_p)
+            torch.manual_seed(params.seed)
+            texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
+            responses, _ = east.generate(self.model, self.tokenizer, texts, params.n, args, greedy=params.temperature == 0)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"])
+                                                   for text in group]) for group in responses]
+
+        def shutdown(self):
+            self.running = False
+
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    return module
+
+
+def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, sevens_file, tmp_path, monkeypatch):
+    engines = []
+    monkeypatch.setitem(sys.modules, "vllm", stand_in_vllm(engines))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
+    accumulate = east.accumulate_gradients
+
+    def accumulate_with_vllm_stopped(*args):
+        assert not any(engine.running for engine in engines)  # the GPU belongs to training
+        return accumulate(*args)
+
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_with_vllm_stopped)
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--engine", "vllm", "--save-model")) == 0
+    backbone_engine, trained_engine = engines  # one for the backbone, one after training; both shut down
+    assert not backbone_engine.running and not trained_engine.running
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for engine, folder in ((backbone_engine, tiny_model), (trained_engine, out / "model_alpha1")):
+        weights = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        for name, value in engine.weights.items():  # started from those weights, in bf16
+            assert torch.equal(value, weights[name].to(torch.bfloat16).float()), name
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 8 and all(len(s["responses"]) == 4 for s in samples)
+    (prompts, params), (eval_prompts, eval_params) = backbone_engine.calls[0], backbone_engine.calls[-1]
+    assert [p["prompt_token_ids"] for p in prompts] == tokenizer(
+        [east.render_prompt(tokenizer, s["question"]) for s in samples[:3]], add_special_tokens=False)["input_ids"]
+    assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.95, 12)
+    assert (eval_params.n, eval_params.temperature) == (1, 0.0) and 2 in eval_params.stop_token_ids
+    assert len(read_jsonl(out / "predictions_alpha1.jsonl")) == 2 and trained_engine.calls
+    assert json.loads((out / "results.json").read_text())["phases"]["sample"]["tokens"] > 0
 
 
 def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
