@@ -1593,11 +1593,12 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
     print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% ({evaluation['correct']}/{evaluation['total']})")
     entropies = [s["entropy"] for s in scored]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
-    return model, {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
-            "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
-                       "partial_agreement": partial},
-            "entropy": describe(entropies), "weights": describe(weights), "example": worked_example(scored, args.num_samples),
-            "entropies": entropies, "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
+    report = {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
+              "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
+                         "partial_agreement": partial},
+              "entropy": describe(entropies), "weights": describe(weights), "example": worked_example(scored, args.num_samples),
+              "entropies": entropies, "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
+    return model, report
 
 
 def text_bars(title, labels, values, width=40):
