@@ -156,6 +156,11 @@ def check_args(args):
         if launched_as_several():
             raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
                              "without accelerate launch, or leave out --engine vllm")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UsageError("east.py does not use DeepSpeed; launch without --use_deepspeed and add --fsdp "
+                         "to split training among the processes")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        args.fsdp = True  # accelerate launch --use_fsdp, or an accelerate config that picks FSDP
     if args.fsdp and not launched_as_several():
         raise UsageError("--fsdp splits training among several processes; start them with "
                          "accelerate launch --multi_gpu --num_processes K east.py ... (or torchrun)")

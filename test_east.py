@@ -663,6 +663,14 @@ def test_bad_arguments(extra, fragment, tmp_path, capsys):
     assert fragment in run_main_expecting_error(argv, capsys)
 
 
+def test_accelerate_fsdp_config_turns_on_fsdp_and_deepspeed_is_refused(tmp_path, capsys, monkeypatch):
+    argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+    assert "--fsdp splits training among several processes" in run_main_expecting_error(argv, capsys)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert "does not use DeepSpeed" in run_main_expecting_error(argv, capsys)
+
+
 def test_bad_data_files(tmp_path, capsys):
     cases = {
         "line 2 is not valid JSON": write(tmp_path / "a.jsonl", '{"question": "q", "answer": "#### 1"}\n{oops\n'),
@@ -744,11 +752,11 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
 
 
-def launch_two_processes(argv):
+def launch_two_processes(argv, kind="--multi_gpu"):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", kind, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     return subprocess.run([*launch, east.__file__, *argv], capture_output=True, text=True, timeout=300)
 
@@ -776,7 +784,8 @@ def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_pat
 
 
 def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, sevens_file, tmp_path):
-    # --fsdp: each process keeps half of every parameter, gradient and AdamW state. With tied embeddings
+    # --fsdp (here set by accelerate launch --use_fsdp): each process keeps half of every parameter,
+    # gradient and AdamW state. With tied embeddings
     # (as in SmolLM2 and Qwen2.5), and batches of 3 at one example per pass, so one process makes fewer
     # passes and must pad to keep step with the other. KTO also gathers its reference point in lockstep.
     from transformers import AutoModelForCausalLM
@@ -788,7 +797,7 @@ def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, seven
     shutil.copytree(tiny_model, tied, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     flags = ("--loss", "kto", "--batch-size", "3", "--micro-batch-size", "1", "--save-model")
     assert east.main(tiny_argv(tied, sevens_file, tmp_path / "one", *flags)) == 0
-    two_run = launch_two_processes(tiny_argv(tied, sevens_file, tmp_path / "two", *flags, "--fsdp"))
+    two_run = launch_two_processes(tiny_argv(tied, sevens_file, tmp_path / "two", *flags), kind="--use_fsdp")
     assert two_run.returncode == 0, two_run.stderr[-3000:]
     assert "sharded among 2 processes" in two_run.stdout
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
