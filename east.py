@@ -637,7 +637,12 @@ def start_vllm(model, tokenizer, args):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     print(f"starting vLLM on {folder}")
-    engine = LLM(model=str(folder), dtype="bfloat16", seed=args.seed, trust_remote_code=False)
+    try:
+        engine = LLM(model=str(folder), dtype="bfloat16", seed=args.seed, trust_remote_code=False)
+    except (RuntimeError, ValueError, OSError) as e:  # no usable GPU, an architecture vLLM lacks, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"vLLM could not start ({reason[:160]}); leave out --engine vllm to sample with "
+                         f"east.py's own decoding loop") from None
     vllm_running.update(engine=engine, model=model, device=device)
     return engine
 

@@ -817,7 +817,8 @@ def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, seven
 def stand_in_vllm(engines):
     """A stand-in for the vllm package, which needs CUDA and cannot be installed here: its LLM loads the
     folder it is given with transformers and answers with east.py's own decoding loop, in vLLM's output
-    shapes. It checks how east.py drives vLLM (weights, prompts, parameters, shutdown), not vLLM."""
+    shapes. It checks how east.py drives vLLM (weights, prompts, parameters, shutdown), not vLLM.
+    With engines None it fails to start, as vLLM does on a machine without a GPU."""
     module = types.ModuleType("vllm")
 
     class SamplingParams:
@@ -827,6 +828,8 @@ def stand_in_vllm(engines):
     class LLM:
         def __init__(self, model, dtype, seed, trust_remote_code):
             assert dtype == "bfloat16" and not trust_remote_code
+            if engines is None:
+                raise RuntimeError("No CUDA GPUs are available\n(vLLM's traceback would follow)")
             self.model, self.tokenizer = east.load_model(model, torch.device("cpu"))
             self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.calls, self.running = [], True
@@ -849,11 +852,15 @@ def stand_in_vllm(engines):
     return module
 
 
-def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, sevens_file, tmp_path, monkeypatch):
-    engines = []
+def install_stand_in_vllm(monkeypatch, engines):
     monkeypatch.setitem(sys.modules, "vllm", stand_in_vllm(engines))
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
+
+
+def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, sevens_file, tmp_path, monkeypatch):
+    engines = []
+    install_stand_in_vllm(monkeypatch, engines)
     accumulate = east.accumulate_gradients
 
     def accumulate_with_vllm_stopped(*args):
@@ -880,6 +887,12 @@ def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, 
     assert (eval_params.n, eval_params.temperature) == (1, 0.0) and 2 in eval_params.stop_token_ids
     assert len(read_jsonl(out / "predictions_alpha1.jsonl")) == 2 and trained_engine.calls
     assert json.loads((out / "results.json").read_text())["phases"]["sample"]["tokens"] > 0
+
+
+def test_vllm_that_cannot_start_is_one_line(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+    install_stand_in_vllm(monkeypatch, None)  # its LLM raises as vLLM does without a GPU
+    error = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--engine", "vllm"), capsys)
+    assert "vLLM could not start (No CUDA GPUs are available)" in error and "leave out --engine vllm" in error
 
 
 def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
