@@ -630,10 +630,11 @@ def start_vllm(model, tokenizer, args):
     stop_vllm()
     from vllm import LLM
     folder = Path(args.output_dir) / "vllm_model"
-    model.save_pretrained(folder, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
-    tokenizer.save_pretrained(folder)
     device = next(model.parameters()).device
-    model.to("cpu")
+    with torch.inference_mode(False):  # called from generate(): moved weights must stay trainable
+        model.save_pretrained(folder, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+        model.to("cpu")
+    tokenizer.save_pretrained(folder)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     print(f"starting vLLM on {folder}")
