@@ -785,9 +785,9 @@ def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_pat
 
 def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, sevens_file, tmp_path):
     # --fsdp (here set by accelerate launch --use_fsdp): each process keeps half of every parameter,
-    # gradient and AdamW state. With tied embeddings
-    # (as in SmolLM2 and Qwen2.5), and batches of 3 at one example per pass, so one process makes fewer
-    # passes and must pad to keep step with the other. KTO also gathers its reference point in lockstep.
+    # gradient and AdamW state. Tied embeddings, as in SmolLM2 and Qwen2.5; batches of 3 at one example
+    # per pass, so one process makes fewer passes and must pad to keep step with the other. KTO also
+    # gathers its reference point in lockstep.
     from transformers import AutoModelForCausalLM
     tied = tmp_path / "tied"
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -880,7 +880,7 @@ def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 8 and all(len(s["responses"]) == 4 for s in samples)
-    (prompts, params), (eval_prompts, eval_params) = backbone_engine.calls[0], backbone_engine.calls[-1]
+    (prompts, params), (_, eval_params) = backbone_engine.calls[0], backbone_engine.calls[-1]
     assert [p["prompt_token_ids"] for p in prompts] == tokenizer(
         [east.render_prompt(tokenizer, s["question"]) for s in samples[:3]], add_special_tokens=False)["input_ids"]
     assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.95, 12)
