@@ -272,10 +272,10 @@ def run(args):
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    timed = PhaseTimer(device)
     train_questions, test_questions = load_questions(args)
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions "
           f"from {args.dataset}")
+    timed = PhaseTimer(device)  # measures the matmul rate, once the input is known to be good
     with timed("load model"), main_process_first():  # it converts the bundled model (or downloads) once
         model, tokenizer = load_model(args.model, device)
     timed.flops = flops_per_token(model)

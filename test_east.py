@@ -1,4 +1,9 @@
-"""Tests for east.py: offline, on the real data in ../shared/data and a tiny model built here."""
+"""Tests for east.py: offline, on the real data in ../shared/data and a tiny model built here.
+
+They follow east.py's order: the method's hand-computed values first (teaching material), then the
+round and the run, the machinery, the grader, scale, set-up and reporting. Tests that run a model are
+marked slow: `pytest -m "not slow" test_east.py` checks the method and the grader in seconds.
+"""
 import argparse
 import importlib.util
 import json
@@ -10,6 +15,7 @@ import socket
 import subprocess
 import sys
 import types
+from collections import Counter, defaultdict
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import pytest
 import torch
 
 import east
+
 
 DATA_DIR = Path(os.environ.get("EAST_DATA_DIR", Path(__file__).resolve().parent.parent / "shared" / "data"))
 
@@ -38,6 +45,7 @@ def data_dir():
 # -----------------------------------------------------------------------------
 # A tiny random model whose tokenizer knows only "7", " " and "\n" (everything else is <unk>),
 # so its random outputs still contain numbers like 7 and 77 and some samples are graded correct.
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
@@ -79,8 +87,565 @@ def tiny_argv(model, dataset, out, *extra):
             *extra]
 
 
+class CharTokenizer:
+    """Just enough tokenizer for building examples: one id per character."""
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "U:" + messages[0]["content"] + "\nA:"
+
+
+def hand_made_records():
+    # 4 samples each; gold 7. Answers: q0 all right; q1 two right, two "8"; q2 one right, "8", "9", none;
+    # q3 nothing right.
+    texts = {"7": "so \\boxed{7}", "8": "so \\boxed{8}", "9": "so \\boxed{9}", None: "no idea"}
+    answers = [["7", "7", "7", "7"], ["7", "8", "7", "8"], ["8", "7", "9", None], ["8", "8", "9", "8"]]
+    return [{"id": f"train-{i}", "question": f"q{i}", "gold": "7", "style": "math",
+             "responses": [texts[a] for a in row]} for i, row in enumerate(answers)]
+
+
 # -----------------------------------------------------------------------------
-# Answer extraction and equivalence
+# The method: clusters and entropy, the mapping, scoring (steps 2-5)
+
+
+def test_entropy_hand_values():
+    assert east.answer_entropy(["4", "4", "4", "4"]) == 0
+    assert east.answer_entropy(["1", "2", "3", "4"]) == pytest.approx(2.0)
+    assert east.answer_entropy(["1", "1", "2", "2", "3", "3"]) == pytest.approx(math.log2(3))
+    assert east.answer_entropy(["1", "1", "1", "2"]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+
+
+def test_entropy_clusters_by_equivalence_and_pools_missing_answers():
+    assert east.answer_entropy(["0.5", "\\frac{1}{2}", "1/2", "$0.50"]) == 0  # one cluster, not four
+    assert east.answer_entropy([None, None, "3", "3"]) == pytest.approx(1.0)  # "no answer" is one cluster
+    assert east.cluster_answers(["2", None, "2.0", None, None]) == [(east.NO_ANSWER, 3), ("2", 2)]
+
+
+def test_weights_hand_values():
+    assert east.entropy_weights([1.0, 2.0, 3.0], 1.0) == pytest.approx([0.5, 1.0, 1.5])
+    assert east.entropy_weights([1.0, 2.0], 2.0) == pytest.approx([0.4, 1.6])  # 1, 4 over mean 2.5
+    expected = [math.exp(1) / ((math.exp(1) + math.exp(2)) / 2), math.exp(2) / ((math.exp(1) + math.exp(2)) / 2)]
+    assert east.entropy_weights([1.0, 2.0], 1.0, "exp") == pytest.approx(expected)
+
+
+def test_alpha_zero_is_vanilla_exactly():
+    for mapping in ("power", "exp"):
+        assert east.entropy_weights([0.0, 0.3, 2.0], 0.0, mapping) == [1.0, 1.0, 1.0]
+
+
+def test_weights_mean_one_and_monotone_in_entropy():
+    entropies = [0.0, 0.5, 0.81, 1.5, 2.0]
+    for mapping in ("power", "exp"):
+        for alpha in (0.5, 1.0, 3.0):
+            w = east.entropy_weights(entropies, alpha, mapping)
+            assert sum(w) / len(w) == pytest.approx(1.0)
+            assert all(a < b for a, b in zip(w, w[1:]))
+        w = east.entropy_weights(entropies, -1.0, mapping)
+        assert sum(w) / len(w) == pytest.approx(1.0)
+        assert all(a > b for a, b in zip(w, w[1:])) and all(map(math.isfinite, w))  # H = 0 floored
+
+
+def test_weights_degenerate_cases():
+    assert east.entropy_weights([0.0, 0.0], 1.0) == [1.0, 1.0]  # every f(H) = 0: uniform
+    w = east.entropy_weights([0.5, 3.0], 400.0)  # 3^400 overflows a float; log space does not
+    assert w == pytest.approx([0.0, 2.0]) and sum(w) == pytest.approx(2.0)
+
+
+def test_scores_and_ablation_weights_on_hand_made_samples():
+    args = east.build_parser().parse_args(["--num-samples", "4"])
+    scored = east.score_questions(hand_made_records(), 1.0, args)
+    assert [s["kept"] for s in scored] == [True, True, True, False]
+    assert [s["accuracy"] for s in scored] == [1.0, 0.5, 0.25, 0.0]
+    assert [s["rejected_share"] for s in scored] == [0.0, 0.5, 0.25, 0.75]  # q2: 8, 9 and none tie at 1/4
+    assert [s["entropy"] for s in scored] == pytest.approx([0.0, 1.0, 2.0, east.answer_entropy(["8", "8", "9", "8"])])
+    assert all(s["chosen"] == "so \\boxed{7}" for s in scored[:3]) and scored[3]["chosen"] is None
+    assert scored[0]["rejected"] is None and scored[1]["rejected"] == "so \\boxed{8}"
+    expected = {"entropy": [0.0, 1.0, 2.0], "accuracy": [0.0, 0.5, 0.75], "rejected": [0.0, 0.5, 0.25]}
+    for weighting, uncertainty in expected.items():
+        args.weighting = weighting
+        weights = [s["weight"] for s in east.score_questions(hand_made_records(), 1.0, args) if s["kept"]]
+        assert weights == pytest.approx([u / (sum(uncertainty) / 3) for u in uncertainty]), weighting
+
+
+# -----------------------------------------------------------------------------
+# The method: weighted losses (step 6)
+
+
+def test_weighted_loss_equals_hand_computed_per_example_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 1, 4], [-100, 2, 6, 0, -100]])
+    weights = torch.tensor([0.5, 1.5])
+    per_example = []
+    for b in range(2):
+        losses = [-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, 5) if labels[b, t] != -100]
+        per_example.append(sum(losses) / len(losses))
+    expected = (0.5 * per_example[0] + 1.5 * per_example[1]) / 2
+    assert east.weighted_sft_loss(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert east.weighted_sft_loss(logits, labels, weights, num_examples=8).item() == pytest.approx(expected.item() / 4, rel=1e-6)
+
+
+def test_weight_scales_only_its_own_example():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    labels = torch.tensor([[-100, 1, 2, 3], [-100, 4, 0, 1]])
+    grads = []
+    for weights in ([1.0, 1.0], [3.0, 1.0]):
+        logits.grad = None
+        east.weighted_sft_loss(logits, labels, torch.tensor(weights)).backward()
+        grads.append(logits.grad.clone())
+    assert torch.allclose(grads[1][0], 3 * grads[0][0])
+    assert torch.allclose(grads[1][1], grads[0][1])
+
+
+def test_dpo_loss_hand_values_and_per_pair_weights():
+    chosen, rejected = torch.tensor([-5.0, -8.0], requires_grad=True), torch.tensor([-7.0, -6.0])
+    ref_chosen, ref_rejected = torch.tensor([-6.0, -8.5]), torch.tensor([-6.5, -6.0])
+    beta = 0.5
+    margins = [beta * ((-5 + 6) - (-7 + 6.5)), beta * ((-8 + 8.5) - (-6 + 6))]  # 0.75, 0.25
+    expected = (2.0 * -math.log(1 / (1 + math.exp(-margins[0]))) + 1.0 * -math.log(1 / (1 + math.exp(-margins[1])))) / 2
+    loss = east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([2.0, 1.0]), beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    grad_weighted = chosen.grad.clone()
+    chosen.grad = None
+    east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([1.0, 1.0]), beta).backward()
+    assert grad_weighted[0] == pytest.approx(2 * chosen.grad[0].item()) and grad_weighted[1] == pytest.approx(chosen.grad[1].item())
+
+
+def test_kto_loss_hand_values_and_per_example_weights():
+    policy = torch.tensor([-4.0, -9.0, -6.0], requires_grad=True)
+    reference = torch.tensor([-5.0, -8.0, -6.0])
+    desirable = torch.tensor([True, False, True])
+    weights, beta, z0, lambda_d, lambda_u = torch.tensor([1.5, 0.5, 1.0]), 0.1, 0.2, 1.0, 2.0
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    losses = [1.5 * (lambda_d - lambda_d * sigmoid(beta * (1.0 - z0))),  # desirable, reward +1
+              0.5 * (lambda_u - lambda_u * sigmoid(beta * (z0 - (-1.0)))),  # undesirable, reward -1
+              1.0 * (lambda_d - lambda_d * sigmoid(beta * (0.0 - z0)))]  # desirable, reward 0
+    loss = east.weighted_kto_loss(policy, reference, desirable, z0, weights, beta, lambda_d, lambda_u)
+    assert loss.item() == pytest.approx(sum(losses) / 3, rel=1e-6)
+    loss.backward()
+    grad_weighted = policy.grad.clone()
+    policy.grad = None
+    east.weighted_kto_loss(policy, reference, desirable, z0, torch.ones(3), beta, lambda_d, lambda_u).backward()
+    assert torch.allclose(grad_weighted, weights * policy.grad)
+
+
+# -----------------------------------------------------------------------------
+# One round and the run: the whole pipeline on the tiny model
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "2", "--save-model")) == 0
+    samples = read_jsonl(out / "samples.jsonl")
+    assert sorted(s["id"] for s in samples) == [f"train-{i}" for i in range(8)]
+    assert all(len(s["responses"]) == 4 for s in samples)
+    scored = read_jsonl(out / "weights_alpha2.jsonl")
+    kept = [s for s in scored if s["kept"]]
+    assert kept and all(s["num_correct"] > 0 for s in kept)
+    assert sum(s["weight"] for s in kept) / len(kept) == pytest.approx(1.0)
+    for s in scored:  # the file's entropies follow from its own answers, in bits
+        assert s["entropy"] == pytest.approx(east.answer_entropy(s["answers"]))
+        counts = [count for _, count in s["clusters"]]
+        assert sum(counts) == 4 and len(counts) == len({east.canonical_answer(a) for a in s["answers"]})
+        assert s["entropy"] == pytest.approx(-sum(c / 4 * math.log(c / 4) for c in counts) / math.log(2))
+    results = json.loads((out / "results.json").read_text())
+    (trained,) = results["rounds"]
+    for label, report in (("backbone", results["backbone"]), ("alpha2", trained["evaluation"])):
+        predictions = read_jsonl(out / f"predictions_{label}.jsonl")
+        assert len(predictions) == 2 == report["total"]
+        assert report["accuracy"] == sum(p["correct"] for p in predictions) / 2
+    assert trained["counts"]["kept"] == len(kept) and trained["counts"]["sampled"] == 8
+    partial = trained["counts"]["partial_agreement"]
+    assert f"0 < H < log2 n for {partial} of 8 ({round(100 * partial / 8)}%)\n" in capsys.readouterr().out
+    steps = read_jsonl(out / "train_log_alpha2.jsonl")
+    assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
+    assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
+    sampling = results["phases"]["sample"]  # every run reports what the bench reports
+    assert sampling["tokens"] > 0 and sampling["prompt_tokens"] > 0 and sampling["share_of_flop_bound"] > 0
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(east, name)
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(east, name, counted)
+    return calls
+
+
+@pytest.mark.slow
+def test_alpha_sweep_samples_once_and_trains_once_per_alpha(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+    sampled, trained = count_calls(monkeypatch, "sample_responses"), count_calls(monkeypatch, "train")
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "-1", "0", "2", "--eval-samples", "3")) == 0
+    assert len(sampled) == 1 and len(trained) == 3
+    results = json.loads((out / "results.json").read_text())
+    assert [r["alpha"] for r in results["rounds"]] == [-1.0, 0.0, 2.0]
+    assert all(w == 1.0 for s in read_jsonl(out / "weights_alpha0.jsonl") if s["kept"] for w in [s["weight"]])
+    for tag in ("alpha-1", "alpha0", "alpha2"):
+        assert len(read_jsonl(out / f"predictions_{tag}.jsonl")) == 2
+    assert {"maj@3", "pass@3"} <= set(results["backbone"])
+    predictions = read_jsonl(out / "predictions_alpha2.jsonl")
+    assert all(p["any_correct"] >= p["majority_correct"] for p in predictions)
+    for p in predictions:  # the reported extras follow from the rows' own sampled answers
+        assert p["sample_answers"] == [east.extract_answer(t, "gsm8k") for t in p["samples"]]
+        assert p["any_correct"] == any(east.is_equiv(a, p["gold"]) for a in p["sample_answers"])
+        assert p["majority_correct"] == east.is_equiv(east.majority_answer(p["sample_answers"]), p["gold"])
+    alpha2 = results["rounds"][2]["evaluation"]
+    assert alpha2["maj@3"] == sum(p["majority_correct"] for p in predictions) / 2
+    assert alpha2["pass@3"] == sum(p["any_correct"] for p in predictions) / 2
+    shown = capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "accuracy_by_alpha.png").exists()
+    except ImportError:
+        assert "accuracy_by_alpha [trained]: accuracy by alpha" in shown
+
+
+def fingerprint(model):
+    return sum(p.detach().double().sum().item() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_iterations_sample_again_with_the_trained_model(tiny_model, sevens_file, tmp_path, monkeypatch):
+    sampled_from, trained = [], []  # fingerprints of the model each sampling used, and of each trained one
+    sample, train = east.sample_responses, east.train
+
+    def sample_and_note(model, *args):
+        sampled_from.append(fingerprint(model))
+        return sample(model, *args)
+
+    def train_and_note(*args):
+        model, tokens = train(*args)
+        trained.append(fingerprint(model))
+        return model, tokens
+
+    monkeypatch.setattr(east, "sample_responses", sample_and_note)
+    monkeypatch.setattr(east, "train", train_and_note)
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--iterations", "2")) == 0
+    assert len(sampled_from) == 2 and len(trained) == 2
+    assert sampled_from[1] == trained[0] != sampled_from[0]  # round 2 sampled from round 1's trained model
+    assert len(read_jsonl(out / "samples_alpha1_iter2.jsonl")) == 8
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha1_iter1", "alpha1_iter2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_preference_losses_run_end_to_end(tiny_model, sevens_file, tmp_path, loss):
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_model, sevens_file, out, "--loss", loss, "--beta", "0.1", "--batch-size", "64")
+    assert east.main(argv) == 0
+    steps = read_jsonl(out / "train_log_alpha1.jsonl")
+    assert steps and all(math.isfinite(s["loss"]) for s in steps)
+    # At the first step the policy is still the reference, so every reward is 0: a DPO pair's loss is
+    # -log sigmoid(0) = log 2 and a KTO example's lambda - lambda sigmoid(0) = 1/2 (z0 = 0, lambda = 1).
+    # One batch holds every example, so the first loss is their weighted mean.
+    kept = [s for s in read_jsonl(out / "weights_alpha1.jsonl") if s["kept"]]
+    paired = [s["weight"] for s in kept if s["rejected"] is not None]
+    assert paired
+    if loss == "dpo":
+        expected = math.log(2) * sum(paired) / len(paired)
+    else:
+        weights = [s["weight"] for s in kept] + paired  # desirable examples, then undesirable ones
+        expected = 0.5 * sum(weights) / len(weights)
+    assert steps[0]["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_no_correct_sample_is_an_error_and_keeps_the_samples(tiny_model, tmp_path, capsys):
+    hopeless = write(tmp_path / "hard.jsonl", "".join(
+        json.dumps({"question": f"q{i}", "answer": "#### 123456"}) + "\n" for i in range(5)))
+    out = tmp_path / "out"
+    message = run_main_expecting_error(tiny_argv(tiny_model, hopeless, out), capsys)
+    assert "no training question has a correct sample" in message
+    assert len(read_jsonl(out / "samples.jsonl")) == 4  # 4 training questions, 1 held out
+    results = json.loads((out / "results.json").read_text())  # the backbone's evaluation is kept
+    assert results["rounds"] == [] and results["backbone"]["total"] == 1
+    assert results["backbone"]["accuracy"] == read_jsonl(out / "predictions_backbone.jsonl")[0]["correct"]
+
+
+# -----------------------------------------------------------------------------
+# Sampling (step 1)
+
+
+def test_next_tokens_samples_the_tempered_nucleus():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(40_000, 1)
+
+    def frequencies(temperature, top_p):
+        torch.manual_seed(0)
+        drawn = east.next_tokens(logits, argparse.Namespace(temperature=temperature, top_p=top_p), greedy=False)
+        return torch.bincount(drawn, minlength=4) / len(drawn)
+
+    # top-p 0.7: the smallest top set reaching 0.7 is {0.5, 0.3}, renormalised to 0.625 / 0.375
+    assert torch.allclose(frequencies(1.0, 0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.01)
+    # temperature 0.5 squares the probabilities before renormalising
+    squared = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert torch.allclose(frequencies(0.5, 1.0), squared / squared.sum(), atol=0.01)
+    assert east.next_tokens(logits[:3], None, greedy=True).tolist() == [0, 0, 0]
+
+
+def test_a_zero_probability_token_is_never_drawn(monkeypatch):
+    # u = 0 is a possible draw (torch.rand covers [0, 1)); it must still land on a token with mass
+    logits = torch.tensor([[-float("inf"), 0.0, 0.0], [5.0, -float("inf"), 1.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.zeros(*shape))
+    drawn = east.next_tokens(logits, argparse.Namespace(temperature=1.0, top_p=0.5), greedy=False)
+    assert drawn.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("spread", [0.5, 8.0])  # a flat row (nucleus beyond the top candidates), a peaked one
+def test_nucleus_from_top_candidates_equals_nucleus_from_a_full_sort(spread):
+    torch.manual_seed(1)
+    logits = (torch.randn(1, 2000) * spread).repeat(10_000, 1)
+    probs = torch.softmax(logits[0], -1)
+    ranked, order = probs.sort(descending=True)
+    nucleus = order[:int((ranked.cumsum(0) - ranked <= 0.9).sum())]  # by the definition, over the whole vocabulary
+    assert (len(nucleus) > east.NUCLEUS_CANDIDATES) == (spread == 0.5)
+    drawn = east.next_tokens(logits, argparse.Namespace(temperature=1.0, top_p=0.9), greedy=False)
+    assert set(drawn.tolist()) <= set(nucleus.tolist())
+    assert len(set(drawn.tolist())) > 0.8 * len(nucleus)  # and reaches all of it
+    top = nucleus[0].item()  # the most likely token is drawn at its renormalised rate
+    assert (drawn == top).float().mean().item() == pytest.approx(float(probs[top] / probs[nucleus].sum()), abs=0.015)
+
+
+@pytest.mark.slow
+def test_questions_per_call_auto(tiny_model, monkeypatch):
+    model, _ = east.load_model(str(tiny_model), torch.device("cpu"))
+    args = east.build_parser().parse_args(["--num-samples", "8", "--max-new-tokens", "512"])
+    assert args.gen_batch_size == "auto"
+    assert east.questions_per_call(model, args, torch.device("cpu")) == 128 // 8
+    args.num_samples = 500  # more samples than the CPU target: still one question per call
+    assert east.questions_per_call(model, args, torch.device("cpu")) == 1
+    # On a GPU, from its free memory: the tiny model's cache is 2 (K, V) x 1 layer x 2 heads x 8 dims x 2 bytes
+    # = 64 bytes per token, so a sequence of 512 + 512 tokens and 6 logits takes 64 x 1024 + 16 x 6 bytes.
+    args.num_samples = 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000_000, 80_000_000))
+    assert east.questions_per_call(model, args, torch.device("cuda")) == int(0.4 * 10_000_000) // (64 * 1024 + 96) // 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 10**12))
+    assert east.questions_per_call(model, args, torch.device("cuda")) == 1024 // 8  # at most 1024 sequences
+    args.gen_batch_size = 5
+    assert east.questions_per_call(model, args, torch.device("cuda")) == 5
+
+
+@pytest.mark.slow
+def test_decoding_loop_matches_transformers_greedy_generate():
+    # The bundled model ends these at different steps (one runs to the limit), so finished
+    # sequences leave the batch while the others go on; the result must not change.
+    model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
+    args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0)
+    ours, tokens = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    ends = torch.isin(out, torch.tensor(sorted(east.end_token_ids(model, tokenizer))))
+    lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, out.shape[1])  # up to and with the end token
+    assert len(set(lengths.tolist())) == 4 and lengths.max() == 40  # the case this test is about
+    expected = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out, lengths.tolist())]
+    assert ours == [[text, text] for text in expected]
+    assert tokens == {"prompt": int(batch["attention_mask"].sum()), "generated": 2 * int(lengths.sum())}
+
+
+# -----------------------------------------------------------------------------
+# Training (step 6)
+
+
+def test_examples_per_objective():
+    tokenizer = CharTokenizer()
+    args = east.build_parser().parse_args(["--num-samples", "4"])
+    scored = east.score_questions(hand_made_records(), 1.0, args)
+    sft, dpo, kto = (east.build_examples(tokenizer, scored, loss) for loss in ("sft", "dpo", "kto"))
+    assert len(sft) == 3 and len(dpo) == 2 and len(kto) == 3 + 2  # q0 has no wrong answer to reject
+    assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")
+    assert [e["weight"] for e in dpo] == [s["weight"] for s in scored[1:3]]
+    assert [e["desirable"] for e in kto] == [True, True, True, False, False]
+    items = [(s["question"], s["chosen"]) for s in scored[:3]] + [(s["question"], s["rejected"]) for s in scored[1:3]]
+    for e, (question, _), (_, partner_response) in zip(kto, items, items[1:] + items[:1]):
+        assert e["mismatched"] == east.tokenize_example(tokenizer, question, partner_response)  # next one's response
+
+
+def test_prompt_tokens_carry_no_loss(tiny_model):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    example = east.tokenize_example(tokenizer, "What is 7 and 7?", "It is 77")
+    prompt_len = len(tokenizer(east.render_prompt(tokenizer, "What is 7 and 7?"), add_special_tokens=False)["input_ids"])
+    assert example["labels"][:prompt_len] == [-100] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id  # EOS is kept and learned
+    logits = torch.randn(1, len(example["input_ids"]), len(tokenizer), requires_grad=True)
+    east.weighted_sft_loss(logits, torch.tensor([example["labels"]]), torch.tensor([1.0])).backward()
+    # logits at position t predict token t+1: only positions predicting response tokens get gradient
+    assert logits.grad[0, :prompt_len - 1].abs().sum() == 0
+    assert (logits.grad[0, prompt_len - 1:-1].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.slow
+def test_gradient_does_not_depend_on_micro_batching(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * (3 * i), "7 " * (i + 1)), "weight": w}
+                for i, w in enumerate([0.2, 1.0, 1.3, 1.5])]  # different lengths: different padding
+    grads = {}
+    for micro in (4, 1):
+        model.zero_grad()
+        args = east.build_parser().parse_args(["--micro-batch-size", str(micro)])
+        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
+        grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
+def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, loss):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    scored = [{"question": "Q" * (2 * i + 1), "chosen": "7" * (i + 1), "rejected": "77 7" if i % 2 else None,
+               "kept": True, "weight": w} for i, w in enumerate([0.4, 1.2, 0.9, 1.5])]
+    examples = east.build_examples(tokenizer, scored, loss)
+    east.add_reference_logprobs(model, examples, 2, tokenizer.pad_token_id, loss)
+    with torch.no_grad():  # move the policy away from the reference so rewards are not all zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grads = {}
+    for micro in (4, 1):
+        model.zero_grad()
+        args = east.build_parser().parse_args(["--micro-batch-size", str(micro), "--loss", loss, "--beta", "0.5"])
+        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
+        grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads[4].abs().sum() > 0
+    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def grad_norm(parameters):
+    return torch.cat([p.grad.flatten() for p in parameters if p.grad is not None]).norm().item()
+
+
+@pytest.mark.slow
+def test_the_optimiser_never_steps_on_a_gradient_longer_than_the_clip(tiny_model, tmp_path, monkeypatch):
+    accumulate, adamw_step, before_clip, at_step = east.accumulate_gradients, torch.optim.AdamW.step, [], []
+
+    def accumulate_and_measure(model, *args):
+        result = accumulate(model, *args)
+        before_clip.append(grad_norm(model.parameters()))
+        return result
+
+    def step_and_measure(self, *args, **kwargs):
+        at_step.append(grad_norm(p for group in self.param_groups for p in group["params"]))
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_and_measure)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_and_measure)
+    model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
+    examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0 + i / 4}
+                for i in range(4)]
+    args = east.build_parser().parse_args(["--epochs", "2", "--batch-size", "2", "--lr", "1e-2"])
+    east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
+    assert len(at_step) == len(before_clip) == 4
+    assert max(before_clip) > east.GRAD_CLIP  # the set-up is one where clipping changes the step
+    assert at_step == pytest.approx([min(norm, east.GRAD_CLIP) for norm in before_clip], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_kto_reference_point_is_the_mean_mismatched_reward_floored_at_zero(tiny_model):
+    model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
+    sequences = [east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)) for i in range(4)]
+    with torch.no_grad():
+        logits, labels, _ = east.logits_and_labels(model, sequences, tokenizer.pad_token_id)
+        policy = east.sequence_logprobs(logits, labels).tolist()
+    # reward of a mismatched pair = log pi - log pi_ref; set the reference so the rewards are known
+    for rewards, z0 in (([1.0, 3.0, 0.5, 3.5], 2.0), ([-1.0, -3.0, 0.5, 0.5], 0.0)):
+        examples = [{"mismatched": s, "reference_mismatched": logp - r}
+                    for s, logp, r in zip(sequences, policy, rewards)]
+        for micro_batch_size in (1, 4):
+            reference_point = east.kto_reference_point(model, examples, micro_batch_size, tokenizer.pad_token_id)
+            assert reference_point == pytest.approx(z0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monkeypatch):
+    accumulate, checkpointing = east.accumulate_gradients, []
+
+    def accumulate_and_note(model, *args):
+        checkpointing.append(model.is_activation_checkpointing)
+        return accumulate(model, *args)
+
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_and_note)
+    trained = []
+    for flags in ([], ["--gradient-checkpointing"]):
+        checkpointing.clear()
+        model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0 + i / 4}
+                    for i in range(4)]
+        args = east.build_parser().parse_args(["--epochs", "2", "--batch-size", "2", "--lr", "1e-2", *flags])
+        east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
+        assert checkpointing == [bool(flags)] * 4 and not model.is_activation_checkpointing  # on while training only
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(trained[0], start)
+    assert torch.allclose(trained[0], trained[1], rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (step 7)
+
+
+def test_accuracy_report_with_majority_pass_and_breakdown():
+    rows = [{"correct": True, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Algebra"},
+            {"correct": False, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Geometry"},
+            {"correct": False, "majority_correct": False, "any_correct": True, "level": "Level 5", "subject": "Algebra"},
+            {"correct": False, "majority_correct": False, "any_correct": False, "level": "Level 5", "subject": "Algebra"}]
+    report = east.accuracy_report(rows, 4)
+    assert report["accuracy"] == 0.25 and report["maj@4"] == 0.5 and report["pass@4"] == 0.75
+    assert report["by_level"] == {"Level 1": 0.5, "Level 5": 0.0}
+    assert report["by_subject"] == {"Algebra": pytest.approx(1 / 3), "Geometry": 0.0}
+
+
+def test_majority_answer_is_the_largest_answered_cluster_and_the_first_seen_on_a_tie():
+    assert east.majority_answer(["1", "2", "2"]) == "2"  # the most common, not the first sample
+    assert east.majority_answer(["2", "1", "1"]) == "1"
+    assert east.majority_answer(["1", "2"]) == "1" and east.majority_answer(["2", "1"]) == "2"  # a tie
+    assert east.majority_answer([None, None, "3"]) == "3"  # "no answer" is never the majority
+    assert east.majority_answer(["0.5", "3", "1/2"]) == "0.5"  # clusters by equivalence
+    assert east.majority_answer([None, None]) is None
+
+
+def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
+    # Canned samples, gold 2 everywhere: evaluate must grade maj@3 by the rule above and pass@3 by any.
+    samples = {"a": ["\\boxed{2}", "\\boxed{1}", "\\boxed{1}"],  # the first sample is right, the majority not
+               "bb": ["\\boxed{1}", "\\boxed{2}", "no idea"],  # a tie of 1 and 2: the first seen, 1, wins
+               "ccc": ["no idea", "\\boxed{2}", "no idea"]}  # unanswered samples cannot outvote an answer
+    def canned_generate(model, tokenizer, prompts, num_return, args, greedy=False):
+        questions = [prompt.split("\n")[0][len("U:"):] for prompt in prompts]
+        if greedy:
+            return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], east.Counter()
+        return [samples[q] for q in questions], east.Counter()
+    monkeypatch.setattr(east, "generate", canned_generate)
+    questions = [{"id": f"test-{i}", "question": q, "gold": "2", "style": "math"} for i, q in enumerate(samples)]
+    args = argparse.Namespace(gen_batch_size=4, num_samples=1, eval_samples=3, seed=0)
+    report, _ = east.evaluate(types.SimpleNamespace(eval=lambda: None), CharTokenizer(), questions, args,
+                              tmp_path / "predictions.jsonl", "test")
+    rows = {r["question"]: r for r in read_jsonl(tmp_path / "predictions.jsonl")}
+    assert {q: r["majority_correct"] for q, r in rows.items()} == {"a": False, "bb": False, "ccc": True}
+    assert all(r["any_correct"] for r in rows.values())
+    assert (report["accuracy"], report["maj@3"], report["pass@3"]) == (1 / 3, 1 / 3, 1.0)
+
+
+# -----------------------------------------------------------------------------
+# Answers: extraction and equivalence (step 2)
+
 
 @pytest.mark.parametrize("text, dataset, expected", [
     ("so the result is \\boxed{\\frac{1}{2}}.", "math", "\\frac{1}{2}"),
@@ -209,9 +774,29 @@ def test_equivalence_is_reflexive_and_transitive_through_the_key():
     answers = [a for case in EQUIVALENCE_CASES for a in case[:2] if a]
     for a in answers:
         assert east.is_equiv(a, a), a
+    # The cases' equal pairs, chained: every two answers so linked must be equivalent (transitivity),
+    # and no pair a case calls unequal may be linked.
+    linked = {}
+
+    def root(a):
+        while linked.setdefault(a, a) != a:
+            a = linked[a]
+        return a
+
+    for pred, gold, equal, _ in EQUIVALENCE_CASES:
+        if equal and pred and gold:
+            linked[root(pred)] = root(gold)
+    classes = defaultdict(list)
     for a in answers:
-        for b in answers:
-            assert east.is_equiv(a, b) == (east.canonical_answer(a) == east.canonical_answer(b))
+        classes[root(a)].append(a)
+    assert max(map(len, classes.values())) > 2  # chains longer than one case exist
+    for members in classes.values():
+        for a in members:
+            for b in members:
+                assert east.is_equiv(a, b), (a, b)
+    for pred, gold, equal, rule in EQUIVALENCE_CASES:
+        if not equal and pred and gold:
+            assert root(pred) != root(gold), rule
 
 
 @pytest.mark.parametrize("text", [
@@ -239,332 +824,177 @@ def test_pathological_answers_return_promptly(text):
 
 
 # -----------------------------------------------------------------------------
-# Entropy and weights
-
-def test_entropy_hand_values():
-    assert east.answer_entropy(["4", "4", "4", "4"]) == 0
-    assert east.answer_entropy(["1", "2", "3", "4"]) == pytest.approx(2.0)
-    assert east.answer_entropy(["1", "1", "2", "2", "3", "3"]) == pytest.approx(math.log2(3))
-    assert east.answer_entropy(["1", "1", "1", "2"]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+# Scale: several processes, FSDP, vLLM
 
 
-def test_entropy_clusters_by_equivalence_and_pools_missing_answers():
-    assert east.answer_entropy(["0.5", "\\frac{1}{2}", "1/2", "$0.50"]) == 0  # one cluster, not four
-    assert east.answer_entropy([None, None, "3", "3"]) == pytest.approx(1.0)  # "no answer" is one cluster
-    assert east.cluster_answers(["2", None, "2.0", None, None]) == [(east.NO_ANSWER, 3), ("2", 2)]
+def launch_two_processes(argv, kind="--multi_gpu"):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", kind, "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    return subprocess.run([*launch, east.__file__, *argv], capture_output=True, text=True, timeout=300)
 
 
-def test_weights_mean_one_and_monotone_in_entropy():
-    entropies = [0.0, 0.5, 0.81, 1.5, 2.0]
-    for mapping in ("power", "exp"):
-        for alpha in (0.5, 1.0, 3.0):
-            w = east.entropy_weights(entropies, alpha, mapping)
-            assert sum(w) / len(w) == pytest.approx(1.0)
-            assert all(a < b for a, b in zip(w, w[1:]))
-        w = east.entropy_weights(entropies, -1.0, mapping)
-        assert sum(w) / len(w) == pytest.approx(1.0)
-        assert all(a > b for a, b in zip(w, w[1:])) and all(map(math.isfinite, w))  # H = 0 floored
+def by_question(records):
+    return sorted(records, key=lambda r: r["id"])
 
 
-def test_weights_hand_values():
-    assert east.entropy_weights([1.0, 2.0, 3.0], 1.0) == pytest.approx([0.5, 1.0, 1.5])
-    assert east.entropy_weights([1.0, 2.0], 2.0) == pytest.approx([0.4, 1.6])  # 1, 4 over mean 2.5
-    expected = [math.exp(1) / ((math.exp(1) + math.exp(2)) / 2), math.exp(2) / ((math.exp(1) + math.exp(2)) / 2)]
-    assert east.entropy_weights([1.0, 2.0], 1.0, "exp") == pytest.approx(expected)
+@pytest.mark.slow
+def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_path):
+    # accelerate launch on 2 CPU processes (gloo): each samples and evaluates its share of the batches
+    # and they train as one model. Same batches and seeds, so the same samples and predictions; the
+    # summed gradients differ from one process's only in float rounding. KTO uses every gather.
+    # (--multi_gpu starts torchrun's processes; accelerate's --cpu flag would start just one.)
+    flags = ("--loss", "kto", "--eval-samples", "2")
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "one", *flags)) == 0
+    two_run = launch_two_processes(tiny_argv(tiny_model, sevens_file, tmp_path / "two", *flags))
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    assert by_question(read_jsonl(two_dir / "samples.jsonl")) == by_question(read_jsonl(one_dir / "samples.jsonl"))
+    assert read_jsonl(two_dir / "predictions_backbone.jsonl") == read_jsonl(one_dir / "predictions_backbone.jsonl")
+    assert read_jsonl(two_dir / "weights_alpha1.jsonl") == read_jsonl(one_dir / "weights_alpha1.jsonl")
+    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
+    assert [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (one_dir, two_dir))
+    assert two["rounds"][0]["evaluation"]["total"] == one["rounds"][0]["evaluation"]["total"] == 2
+    assert not list(two_dir.glob("*.process*"))  # every process's own file was merged
+    assert two_run.stdout.count("EAST summary") == 1  # the main process reports for both
 
 
-def test_alpha_zero_is_vanilla_exactly():
-    for mapping in ("power", "exp"):
-        assert east.entropy_weights([0.0, 0.3, 2.0], 0.0, mapping) == [1.0, 1.0, 1.0]
+@pytest.mark.slow
+def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, sevens_file, tmp_path):
+    # --fsdp (here set by accelerate launch --use_fsdp): each process keeps half of every parameter,
+    # gradient and AdamW state. Tied embeddings, as in SmolLM2 and Qwen2.5; batches of 3 at one example
+    # per pass, so one process makes fewer passes and must pad to keep step with the other. KTO also
+    # gathers its reference point in lockstep.
+    from transformers import AutoModelForCausalLM
+    tied = tmp_path / "tied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tied)
+    shutil.copytree(tiny_model, tied, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    flags = ("--loss", "kto", "--batch-size", "3", "--micro-batch-size", "1", "--save-model")
+    assert east.main(tiny_argv(tied, sevens_file, tmp_path / "one", *flags)) == 0
+    two_run = launch_two_processes(tiny_argv(tied, sevens_file, tmp_path / "two", *flags), kind="--use_fsdp")
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    assert "sharded among 2 processes" in two_run.stdout
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
+    assert len(one_log) >= 2 and [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
+    one, two = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1") for d in (one_dir, two_dir))
+    start = AutoModelForCausalLM.from_pretrained(tied)
+    assert two.lm_head.weight.data_ptr() == two.model.embed_tokens.weight.data_ptr()  # still tied
+    for (name, trained), whole, before in zip(two.named_parameters(), one.parameters(), start.parameters()):
+        assert not torch.equal(trained, before), name
+        assert torch.allclose(trained, whole, rtol=1e-4, atol=1e-6), name
+    one_eval, two_eval = (read_jsonl(d / "predictions_alpha1.jsonl") for d in (one_dir, two_dir))
+    assert [r["response"] for r in two_eval] == [r["response"] for r in one_eval]  # the gathered model evaluates
 
 
-def test_weights_degenerate_cases():
-    assert east.entropy_weights([0.0, 0.0], 1.0) == [1.0, 1.0]  # every f(H) = 0: uniform
-    w = east.entropy_weights([0.5, 3.0], 400.0)  # 3^400 overflows a float; log space does not
-    assert w == pytest.approx([0.0, 2.0]) and sum(w) == pytest.approx(2.0)
+@pytest.mark.slow
+def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    records = read_jsonl(out / "samples.jsonl")
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
+    (out / "samples.process1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[5:]))
+    generated = count_calls(monkeypatch, "generate")
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    assert by_question(read_jsonl(out / "samples.jsonl")) == by_question(records)
+    assert not (out / "samples.process1.jsonl").exists()
+    assert len(generated) == 2  # evaluation only (backbone and trained): nothing was sampled again
 
 
-# -----------------------------------------------------------------------------
-# Sampling
+def stand_in_vllm(engines):
+    """A stand-in for the vllm package, which needs CUDA and cannot be installed here: its LLM loads the
+    folder it is given with transformers and answers with east.py's own decoding loop, in vLLM's output
+    shapes. It checks how east.py drives vLLM (weights, prompts, parameters, shutdown), not vLLM.
+    With engines None it fails to start, as vLLM does on a machine without a GPU."""
+    module = types.ModuleType("vllm")
 
-def test_questions_per_call_auto(tiny_model, monkeypatch):
-    model, _ = east.load_model(str(tiny_model), torch.device("cpu"))
-    args = east.build_parser().parse_args(["--num-samples", "8", "--max-new-tokens", "512"])
-    assert args.gen_batch_size == "auto"
-    assert east.questions_per_call(model, args, torch.device("cpu")) == 128 // 8
-    args.num_samples = 500  # more samples than the CPU target: still one question per call
-    assert east.questions_per_call(model, args, torch.device("cpu")) == 1
-    # On a GPU, from its free memory: the tiny model's cache is 2 (K, V) x 1 layer x 2 heads x 8 dims x 2 bytes
-    # = 64 bytes per token, so a sequence of 512 + 512 tokens and 6 logits takes 64 x 1024 + 16 x 6 bytes.
-    args.num_samples = 8
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000_000, 80_000_000))
-    assert east.questions_per_call(model, args, torch.device("cuda")) == int(0.4 * 10_000_000) // (64 * 1024 + 96) // 8
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 10**12))
-    assert east.questions_per_call(model, args, torch.device("cuda")) == 1024 // 8  # at most 1024 sequences
-    args.gen_batch_size = 5
-    assert east.questions_per_call(model, args, torch.device("cuda")) == 5
+    class SamplingParams:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
 
+    class LLM:
+        def __init__(self, model, dtype, seed, trust_remote_code):
+            assert dtype == "bfloat16" and not trust_remote_code
+            if engines is None:
+                raise RuntimeError("No CUDA GPUs are available\n(vLLM's traceback would follow)")
+            self.model, self.tokenizer = east.load_model(model, torch.device("cpu"))
+            self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.calls, self.running = [], True
+            engines.append(self)
 
-def test_next_tokens_samples_the_tempered_nucleus():
-    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(40_000, 1)
+        def generate(self, prompts, params, use_tqdm):
+            self.calls.append((prompts, params))
+            args = argparse.Namespace(engine="transformers", max_new_tokens=params.max_tokens,
+                                      temperature=params.temperature or 1.0, top_p=params.top_p)
+            torch.manual_seed(params.seed)
+            texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
+            responses, _ = east.generate(self.model, self.tokenizer, texts, params.n, args, greedy=params.temperature == 0)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"])
+                                                   for text in group]) for group in responses]
 
-    def frequencies(temperature, top_p):
-        torch.manual_seed(0)
-        drawn = east.next_tokens(logits, argparse.Namespace(temperature=temperature, top_p=top_p), greedy=False)
-        return torch.bincount(drawn, minlength=4) / len(drawn)
+        def shutdown(self):
+            self.running = False
 
-    # top-p 0.7: the smallest top set reaching 0.7 is {0.5, 0.3}, renormalised to 0.625 / 0.375
-    assert torch.allclose(frequencies(1.0, 0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.01)
-    # temperature 0.5 squares the probabilities before renormalising
-    squared = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
-    assert torch.allclose(frequencies(0.5, 1.0), squared / squared.sum(), atol=0.01)
-    assert east.next_tokens(logits[:3], None, greedy=True).tolist() == [0, 0, 0]
-
-
-def test_a_zero_probability_token_is_never_drawn(monkeypatch):
-    # u = 0 is a possible draw (torch.rand covers [0, 1)); it must still land on a token with mass
-    logits = torch.tensor([[-float("inf"), 0.0, 0.0], [5.0, -float("inf"), 1.0]])
-    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.zeros(*shape))
-    drawn = east.next_tokens(logits, argparse.Namespace(temperature=1.0, top_p=0.5), greedy=False)
-    assert drawn.tolist() == [1, 0]
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    return module
 
 
-@pytest.mark.parametrize("spread", [0.5, 8.0])  # a flat row (nucleus beyond the top candidates), a peaked one
-def test_nucleus_from_top_candidates_equals_nucleus_from_a_full_sort(spread):
-    torch.manual_seed(1)
-    logits = (torch.randn(1, 2000) * spread).repeat(10_000, 1)
-    probs = torch.softmax(logits[0], -1)
-    ranked, order = probs.sort(descending=True)
-    nucleus = order[:int((ranked.cumsum(0) - ranked <= 0.9).sum())]  # by the definition, over the whole vocabulary
-    assert (len(nucleus) > east.NUCLEUS_CANDIDATES) == (spread == 0.5)
-    drawn = east.next_tokens(logits, argparse.Namespace(temperature=1.0, top_p=0.9), greedy=False)
-    assert set(drawn.tolist()) <= set(nucleus.tolist())
-    assert len(set(drawn.tolist())) > 0.8 * len(nucleus)  # and reaches all of it
-    top = nucleus[0].item()  # the most likely token is drawn at its renormalised rate
-    assert (drawn == top).float().mean().item() == pytest.approx(float(probs[top] / probs[nucleus].sum()), abs=0.015)
+def install_stand_in_vllm(monkeypatch, engines):
+    monkeypatch.setitem(sys.modules, "vllm", stand_in_vllm(engines))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
 
 
-def test_decoding_loop_matches_transformers_greedy_generate():
-    # The bundled model ends these at different steps (one runs to the limit), so finished
-    # sequences leave the batch while the others go on; the result must not change.
-    model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
-    args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0)
-    ours, tokens = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
-    ends = torch.isin(out, torch.tensor(sorted(east.end_token_ids(model, tokenizer))))
-    lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, out.shape[1])  # up to and with the end token
-    assert len(set(lengths.tolist())) == 4 and lengths.max() == 40  # the case this test is about
-    expected = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out, lengths.tolist())]
-    assert ours == [[text, text] for text in expected]
-    assert tokens == {"prompt": int(batch["attention_mask"].sum()), "generated": 2 * int(lengths.sum())}
+@pytest.mark.slow
+def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, sevens_file, tmp_path, monkeypatch):
+    engines = []
+    install_stand_in_vllm(monkeypatch, engines)
+    accumulate = east.accumulate_gradients
 
+    def accumulate_with_vllm_stopped(*args):
+        assert not any(engine.running for engine in engines)  # the GPU belongs to training
+        return accumulate(*args)
 
-# -----------------------------------------------------------------------------
-# Weighted loss
-
-def test_weighted_loss_equals_hand_computed_per_example_loss():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[-100, -100, 3, 1, 4], [-100, 2, 6, 0, -100]])
-    weights = torch.tensor([0.5, 1.5])
-    per_example = []
-    for b in range(2):
-        losses = [-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, 5) if labels[b, t] != -100]
-        per_example.append(sum(losses) / len(losses))
-    expected = (0.5 * per_example[0] + 1.5 * per_example[1]) / 2
-    assert east.weighted_sft_loss(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert east.weighted_sft_loss(logits, labels, weights, num_examples=8).item() == pytest.approx(expected.item() / 4, rel=1e-6)
-
-
-def test_weight_scales_only_its_own_example():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 5, requires_grad=True)
-    labels = torch.tensor([[-100, 1, 2, 3], [-100, 4, 0, 1]])
-    grads = []
-    for weights in ([1.0, 1.0], [3.0, 1.0]):
-        logits.grad = None
-        east.weighted_sft_loss(logits, labels, torch.tensor(weights)).backward()
-        grads.append(logits.grad.clone())
-    assert torch.allclose(grads[1][0], 3 * grads[0][0])
-    assert torch.allclose(grads[1][1], grads[0][1])
-
-
-def test_prompt_tokens_carry_no_loss(tiny_model):
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    example = east.tokenize_example(tokenizer, "What is 7 and 7?", "It is 77")
-    prompt_len = len(tokenizer(east.render_prompt(tokenizer, "What is 7 and 7?"), add_special_tokens=False)["input_ids"])
-    assert example["labels"][:prompt_len] == [-100] * prompt_len
-    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
-    assert example["input_ids"][-1] == tokenizer.eos_token_id  # EOS is kept and learned
-    logits = torch.randn(1, len(example["input_ids"]), len(tokenizer), requires_grad=True)
-    east.weighted_sft_loss(logits, torch.tensor([example["labels"]]), torch.tensor([1.0])).backward()
-    # logits at position t predict token t+1: only positions predicting response tokens get gradient
-    assert logits.grad[0, :prompt_len - 1].abs().sum() == 0
-    assert (logits.grad[0, prompt_len - 1:-1].abs().sum(-1) > 0).all()
-
-
-def test_gradient_does_not_depend_on_micro_batching(tiny_model):
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_with_vllm_stopped)
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--engine", "vllm", "--save-model")) == 0
+    backbone_engine, trained_engine = engines  # one for the backbone, one after training; both shut down
+    assert not backbone_engine.running and not trained_engine.running
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    for engine, folder in ((backbone_engine, tiny_model), (trained_engine, out / "model_alpha1")):
+        weights = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        for name, value in engine.weights.items():  # started from those weights, in bf16
+            assert torch.equal(value, weights[name].to(torch.bfloat16).float()), name
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * (3 * i), "7 " * (i + 1)), "weight": w}
-                for i, w in enumerate([0.2, 1.0, 1.3, 1.5])]  # different lengths: different padding
-    grads = {}
-    for micro in (4, 1):
-        model.zero_grad()
-        args = east.build_parser().parse_args(["--micro-batch-size", str(micro)])
-        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
-        grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 8 and all(len(s["responses"]) == 4 for s in samples)
+    (prompts, params), (_, eval_params) = backbone_engine.calls[0], backbone_engine.calls[-1]
+    assert [p["prompt_token_ids"] for p in prompts] == tokenizer(
+        [east.render_prompt(tokenizer, s["question"]) for s in samples[:3]], add_special_tokens=False)["input_ids"]
+    assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.95, 12)
+    assert (eval_params.n, eval_params.temperature) == (1, 0.0) and 2 in eval_params.stop_token_ids
+    assert len(read_jsonl(out / "predictions_alpha1.jsonl")) == 2 and trained_engine.calls
+    assert json.loads((out / "results.json").read_text())["phases"]["sample"]["tokens"] > 0
 
 
-def test_dpo_loss_hand_values_and_per_pair_weights():
-    chosen, rejected = torch.tensor([-5.0, -8.0], requires_grad=True), torch.tensor([-7.0, -6.0])
-    ref_chosen, ref_rejected = torch.tensor([-6.0, -8.5]), torch.tensor([-6.5, -6.0])
-    beta = 0.5
-    margins = [beta * ((-5 + 6) - (-7 + 6.5)), beta * ((-8 + 8.5) - (-6 + 6))]  # 0.75, 0.25
-    expected = (2.0 * -math.log(1 / (1 + math.exp(-margins[0]))) + 1.0 * -math.log(1 / (1 + math.exp(-margins[1])))) / 2
-    loss = east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([2.0, 1.0]), beta)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    loss.backward()
-    grad_weighted = chosen.grad.clone()
-    chosen.grad = None
-    east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([1.0, 1.0]), beta).backward()
-    assert grad_weighted[0] == pytest.approx(2 * chosen.grad[0].item()) and grad_weighted[1] == pytest.approx(chosen.grad[1].item())
-
-
-def test_kto_loss_hand_values_and_per_example_weights():
-    policy = torch.tensor([-4.0, -9.0, -6.0], requires_grad=True)
-    reference = torch.tensor([-5.0, -8.0, -6.0])
-    desirable = torch.tensor([True, False, True])
-    weights, beta, z0, lambda_d, lambda_u = torch.tensor([1.5, 0.5, 1.0]), 0.1, 0.2, 1.0, 2.0
-    sigmoid = lambda x: 1 / (1 + math.exp(-x))
-    losses = [1.5 * (lambda_d - lambda_d * sigmoid(beta * (1.0 - z0))),  # desirable, reward +1
-              0.5 * (lambda_u - lambda_u * sigmoid(beta * (z0 - (-1.0)))),  # undesirable, reward -1
-              1.0 * (lambda_d - lambda_d * sigmoid(beta * (0.0 - z0)))]  # desirable, reward 0
-    loss = east.weighted_kto_loss(policy, reference, desirable, z0, weights, beta, lambda_d, lambda_u)
-    assert loss.item() == pytest.approx(sum(losses) / 3, rel=1e-6)
-    loss.backward()
-    grad_weighted = policy.grad.clone()
-    policy.grad = None
-    east.weighted_kto_loss(policy, reference, desirable, z0, torch.ones(3), beta, lambda_d, lambda_u).backward()
-    assert torch.allclose(grad_weighted, weights * policy.grad)
-
-
-def hand_made_records():
-    # 4 samples each; gold 7. Answers: q0 all right; q1 two right, two "8"; q2 one right, "8", "9", none;
-    # q3 nothing right.
-    texts = {"7": "so \\boxed{7}", "8": "so \\boxed{8}", "9": "so \\boxed{9}", None: "no idea"}
-    answers = [["7", "7", "7", "7"], ["7", "8", "7", "8"], ["8", "7", "9", None], ["8", "8", "9", "8"]]
-    return [{"id": f"train-{i}", "question": f"q{i}", "gold": "7", "style": "math",
-             "responses": [texts[a] for a in row]} for i, row in enumerate(answers)]
-
-
-def test_scores_and_ablation_weights_on_hand_made_samples():
-    args = east.build_parser().parse_args(["--num-samples", "4"])
-    scored = east.score_questions(hand_made_records(), 1.0, args)
-    assert [s["kept"] for s in scored] == [True, True, True, False]
-    assert [s["accuracy"] for s in scored] == [1.0, 0.5, 0.25, 0.0]
-    assert [s["rejected_share"] for s in scored] == [0.0, 0.5, 0.25, 0.75]  # q2: 8, 9 and none tie at 1/4
-    assert [s["entropy"] for s in scored] == pytest.approx([0.0, 1.0, 2.0, east.answer_entropy(["8", "8", "9", "8"])])
-    assert all(s["chosen"] == "so \\boxed{7}" for s in scored[:3]) and scored[3]["chosen"] is None
-    assert scored[0]["rejected"] is None and scored[1]["rejected"] == "so \\boxed{8}"
-    expected = {"entropy": [0.0, 1.0, 2.0], "accuracy": [0.0, 0.5, 0.75], "rejected": [0.0, 0.5, 0.25]}
-    for weighting, uncertainty in expected.items():
-        args.weighting = weighting
-        weights = [s["weight"] for s in east.score_questions(hand_made_records(), 1.0, args) if s["kept"]]
-        assert weights == pytest.approx([u / (sum(uncertainty) / 3) for u in uncertainty]), weighting
-
-
-class CharTokenizer:
-    """Just enough tokenizer for building examples: one id per character."""
-    eos_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "U:" + messages[0]["content"] + "\nA:"
-
-
-def test_examples_per_objective():
-    tokenizer = CharTokenizer()
-    args = east.build_parser().parse_args(["--num-samples", "4"])
-    scored = east.score_questions(hand_made_records(), 1.0, args)
-    sft, dpo, kto = (east.build_examples(tokenizer, scored, loss) for loss in ("sft", "dpo", "kto"))
-    assert len(sft) == 3 and len(dpo) == 2 and len(kto) == 3 + 2  # q0 has no wrong answer to reject
-    assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")
-    assert [e["weight"] for e in dpo] == [s["weight"] for s in scored[1:3]]
-    assert [e["desirable"] for e in kto] == [True, True, True, False, False]
-    items = [(s["question"], s["chosen"]) for s in scored[:3]] + [(s["question"], s["rejected"]) for s in scored[1:3]]
-    for e, (question, _), (_, partner_response) in zip(kto, items, items[1:] + items[:1]):
-        assert e["mismatched"] == east.tokenize_example(tokenizer, question, partner_response)  # next one's response
-
-
-@pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
-def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, loss):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    scored = [{"question": "Q" * (2 * i + 1), "chosen": "7" * (i + 1), "rejected": "77 7" if i % 2 else None,
-               "kept": True, "weight": w} for i, w in enumerate([0.4, 1.2, 0.9, 1.5])]
-    examples = east.build_examples(tokenizer, scored, loss)
-    east.add_reference_logprobs(model, examples, 2, tokenizer.pad_token_id, loss)
-    with torch.no_grad():  # move the policy away from the reference so rewards are not all zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    grads = {}
-    for micro in (4, 1):
-        model.zero_grad()
-        args = east.build_parser().parse_args(["--micro-batch-size", str(micro), "--loss", loss, "--beta", "0.5"])
-        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
-        grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert grads[4].abs().sum() > 0
-    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
-
-
-def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monkeypatch):
-    accumulate, checkpointing = east.accumulate_gradients, []
-
-    def accumulate_and_note(model, *args):
-        checkpointing.append(model.is_activation_checkpointing)
-        return accumulate(model, *args)
-
-    monkeypatch.setattr(east, "accumulate_gradients", accumulate_and_note)
-    trained = []
-    for flags in ([], ["--gradient-checkpointing"]):
-        checkpointing.clear()
-        model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
-        start = torch.cat([p.detach().flatten() for p in model.parameters()])
-        examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0 + i / 4}
-                    for i in range(4)]
-        args = east.build_parser().parse_args(["--epochs", "2", "--batch-size", "2", "--lr", "1e-2", *flags])
-        east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
-        assert checkpointing == [bool(flags)] * 4 and not model.is_activation_checkpointing  # on while training only
-        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert not torch.allclose(trained[0], start)
-    assert torch.allclose(trained[0], trained[1], rtol=1e-5, atol=1e-6)
-
-
-def test_accuracy_report_with_majority_pass_and_breakdown():
-    rows = [{"correct": True, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Algebra"},
-            {"correct": False, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Geometry"},
-            {"correct": False, "majority_correct": False, "any_correct": True, "level": "Level 5", "subject": "Algebra"},
-            {"correct": False, "majority_correct": False, "any_correct": False, "level": "Level 5", "subject": "Algebra"}]
-    report = east.accuracy_report(rows, 4)
-    assert report["accuracy"] == 0.25 and report["maj@4"] == 0.5 and report["pass@4"] == 0.75
-    assert report["by_level"] == {"Level 1": 0.5, "Level 5": 0.0}
-    assert report["by_subject"] == {"Algebra": pytest.approx(1 / 3), "Geometry": 0.0}
+@pytest.mark.slow
+def test_vllm_that_cannot_start_is_one_line(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+    install_stand_in_vllm(monkeypatch, None)  # its LLM raises as vLLM does without a GPU
+    error = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--engine", "vllm"), capsys)
+    assert "vLLM could not start (No CUDA GPUs are available)" in error and "leave out --engine vllm" in error
 
 
 # -----------------------------------------------------------------------------
-# Data
+# Set-up: data
+
 
 def test_make_arith_is_seeded_distinct_and_in_gsm8k_form():
     problems = east.make_arith(300, seed=1)
@@ -616,7 +1046,8 @@ def test_local_data_dir_loads_without_download(data_dir):
 
 
 # -----------------------------------------------------------------------------
-# Bad input: one line on stderr, exit code 2, no traceback
+# Set-up: bad input is one line on stderr, exit code 2, no traceback
+
 
 def run_main_expecting_error(argv, capsys):
     capsys.readouterr()  # drop what earlier runs printed
@@ -700,18 +1131,7 @@ def test_argparse_errors_are_one_line(capsys):
     assert len(err) == 1 and "--mapping" in err[0]
 
 
-def test_no_correct_sample_is_an_error_and_keeps_the_samples(tiny_model, tmp_path, capsys):
-    hopeless = write(tmp_path / "hard.jsonl", "".join(
-        json.dumps({"question": f"q{i}", "answer": "#### 123456"}) + "\n" for i in range(5)))
-    out = tmp_path / "out"
-    message = run_main_expecting_error(tiny_argv(tiny_model, hopeless, out), capsys)
-    assert "no training question has a correct sample" in message
-    assert len(read_jsonl(out / "samples.jsonl")) == 4  # 4 training questions, 1 held out
-    results = json.loads((out / "results.json").read_text())  # the backbone's evaluation is kept
-    assert results["rounds"] == [] and results["backbone"]["total"] == 1
-    assert results["backbone"]["accuracy"] == read_jsonl(out / "predictions_backbone.jsonl")[0]["correct"]
-
-
+@pytest.mark.slow
 def test_resuming_with_other_sampling_flags_is_refused(tiny_model, sevens_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
@@ -722,196 +1142,10 @@ def test_resuming_with_other_sampling_flags_is_refused(tiny_model, sevens_file, 
 
 
 # -----------------------------------------------------------------------------
-# The whole pipeline on the tiny model
-
-def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path):
-    out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "2", "--save-model")) == 0
-    samples = read_jsonl(out / "samples.jsonl")
-    assert sorted(s["id"] for s in samples) == [f"train-{i}" for i in range(8)]
-    assert all(len(s["responses"]) == 4 for s in samples)
-    scored = read_jsonl(out / "weights_alpha2.jsonl")
-    kept = [s for s in scored if s["kept"]]
-    assert kept and all(s["num_correct"] > 0 for s in kept)
-    assert sum(s["weight"] for s in kept) / len(kept) == pytest.approx(1.0)
-    for s in scored:  # the file's entropies follow from its own answers
-        assert s["entropy"] == pytest.approx(east.answer_entropy(s["answers"]))
-    results = json.loads((out / "results.json").read_text())
-    (trained,) = results["rounds"]
-    for label, report in (("backbone", results["backbone"]), ("alpha2", trained["evaluation"])):
-        predictions = read_jsonl(out / f"predictions_{label}.jsonl")
-        assert len(predictions) == 2 == report["total"]
-        assert report["accuracy"] == sum(p["correct"] for p in predictions) / 2
-    assert trained["counts"]["kept"] == len(kept) and trained["counts"]["sampled"] == 8
-    steps = read_jsonl(out / "train_log_alpha2.jsonl")
-    assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
-    assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
-    sampling = results["phases"]["sample"]  # every run reports what the bench reports
-    assert sampling["tokens"] > 0 and sampling["prompt_tokens"] > 0 and sampling["share_of_flop_bound"] > 0
-    from transformers import AutoModelForCausalLM
-    assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
+# Set-up: the run folder resumes
 
 
-def launch_two_processes(argv, kind="--multi_gpu"):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", kind, "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    return subprocess.run([*launch, east.__file__, *argv], capture_output=True, text=True, timeout=300)
-
-
-def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_path):
-    # accelerate launch on 2 CPU processes (gloo): each samples and evaluates its share of the batches
-    # and they train as one model. Same batches and seeds, so the same samples and predictions; the
-    # summed gradients differ from one process's only in float rounding. KTO uses every gather.
-    # (--multi_gpu starts torchrun's processes; accelerate's --cpu flag would start just one.)
-    flags = ("--loss", "kto", "--eval-samples", "2")
-    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "one", *flags)) == 0
-    two_run = launch_two_processes(tiny_argv(tiny_model, sevens_file, tmp_path / "two", *flags))
-    assert two_run.returncode == 0, two_run.stderr[-3000:]
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    assert by_question(read_jsonl(two_dir / "samples.jsonl")) == by_question(read_jsonl(one_dir / "samples.jsonl"))
-    assert read_jsonl(two_dir / "predictions_backbone.jsonl") == read_jsonl(one_dir / "predictions_backbone.jsonl")
-    assert read_jsonl(two_dir / "weights_alpha1.jsonl") == read_jsonl(one_dir / "weights_alpha1.jsonl")
-    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
-    assert [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
-    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
-    one, two = (json.loads((d / "results.json").read_text()) for d in (one_dir, two_dir))
-    assert two["rounds"][0]["evaluation"]["total"] == one["rounds"][0]["evaluation"]["total"] == 2
-    assert not list(two_dir.glob("*.process*"))  # every process's own file was merged
-    assert two_run.stdout.count("EAST summary") == 1  # the main process reports for both
-
-
-def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, sevens_file, tmp_path):
-    # --fsdp (here set by accelerate launch --use_fsdp): each process keeps half of every parameter,
-    # gradient and AdamW state. Tied embeddings, as in SmolLM2 and Qwen2.5; batches of 3 at one example
-    # per pass, so one process makes fewer passes and must pad to keep step with the other. KTO also
-    # gathers its reference point in lockstep.
-    from transformers import AutoModelForCausalLM
-    tied = tmp_path / "tied"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    model.save_pretrained(tied)
-    shutil.copytree(tiny_model, tied, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    flags = ("--loss", "kto", "--batch-size", "3", "--micro-batch-size", "1", "--save-model")
-    assert east.main(tiny_argv(tied, sevens_file, tmp_path / "one", *flags)) == 0
-    two_run = launch_two_processes(tiny_argv(tied, sevens_file, tmp_path / "two", *flags), kind="--use_fsdp")
-    assert two_run.returncode == 0, two_run.stderr[-3000:]
-    assert "sharded among 2 processes" in two_run.stdout
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
-    assert len(one_log) >= 2 and [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
-    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
-    one, two = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1") for d in (one_dir, two_dir))
-    start = AutoModelForCausalLM.from_pretrained(tied)
-    assert two.lm_head.weight.data_ptr() == two.model.embed_tokens.weight.data_ptr()  # still tied
-    for (name, trained), whole, before in zip(two.named_parameters(), one.parameters(), start.parameters()):
-        assert not torch.equal(trained, before), name
-        assert torch.allclose(trained, whole, rtol=1e-4, atol=1e-6), name
-    one_eval, two_eval = (read_jsonl(d / "predictions_alpha1.jsonl") for d in (one_dir, two_dir))
-    assert [r["response"] for r in two_eval] == [r["response"] for r in one_eval]  # the gathered model evaluates
-
-
-def stand_in_vllm(engines):
-    """A stand-in for the vllm package, which needs CUDA and cannot be installed here: its LLM loads the
-    folder it is given with transformers and answers with east.py's own decoding loop, in vLLM's output
-    shapes. It checks how east.py drives vLLM (weights, prompts, parameters, shutdown), not vLLM.
-    With engines None it fails to start, as vLLM does on a machine without a GPU."""
-    module = types.ModuleType("vllm")
-
-    class SamplingParams:
-        def __init__(self, **fields):
-            self.__dict__.update(fields)
-
-    class LLM:
-        def __init__(self, model, dtype, seed, trust_remote_code):
-            assert dtype == "bfloat16" and not trust_remote_code
-            if engines is None:
-                raise RuntimeError("No CUDA GPUs are available\n(vLLM's traceback would follow)")
-            self.model, self.tokenizer = east.load_model(model, torch.device("cpu"))
-            self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
-            self.calls, self.running = [], True
-            engines.append(self)
-
-        def generate(self, prompts, params, use_tqdm):
-            self.calls.append((prompts, params))
-            args = argparse.Namespace(engine="transformers", max_new_tokens=params.max_tokens,
-                                      temperature=params.temperature or 1.0, top_p=params.top_p)
-            torch.manual_seed(params.seed)
-            texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
-            responses, _ = east.generate(self.model, self.tokenizer, texts, params.n, args, greedy=params.temperature == 0)
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"])
-                                                   for text in group]) for group in responses]
-
-        def shutdown(self):
-            self.running = False
-
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    return module
-
-
-def install_stand_in_vllm(monkeypatch, engines):
-    monkeypatch.setitem(sys.modules, "vllm", stand_in_vllm(engines))
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
-
-
-def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, sevens_file, tmp_path, monkeypatch):
-    engines = []
-    install_stand_in_vllm(monkeypatch, engines)
-    accumulate = east.accumulate_gradients
-
-    def accumulate_with_vllm_stopped(*args):
-        assert not any(engine.running for engine in engines)  # the GPU belongs to training
-        return accumulate(*args)
-
-    monkeypatch.setattr(east, "accumulate_gradients", accumulate_with_vllm_stopped)
-    out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--engine", "vllm", "--save-model")) == 0
-    backbone_engine, trained_engine = engines  # one for the backbone, one after training; both shut down
-    assert not backbone_engine.running and not trained_engine.running
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    for engine, folder in ((backbone_engine, tiny_model), (trained_engine, out / "model_alpha1")):
-        weights = AutoModelForCausalLM.from_pretrained(folder).state_dict()
-        for name, value in engine.weights.items():  # started from those weights, in bf16
-            assert torch.equal(value, weights[name].to(torch.bfloat16).float()), name
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    samples = read_jsonl(out / "samples.jsonl")
-    assert len(samples) == 8 and all(len(s["responses"]) == 4 for s in samples)
-    (prompts, params), (_, eval_params) = backbone_engine.calls[0], backbone_engine.calls[-1]
-    assert [p["prompt_token_ids"] for p in prompts] == tokenizer(
-        [east.render_prompt(tokenizer, s["question"]) for s in samples[:3]], add_special_tokens=False)["input_ids"]
-    assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.95, 12)
-    assert (eval_params.n, eval_params.temperature) == (1, 0.0) and 2 in eval_params.stop_token_ids
-    assert len(read_jsonl(out / "predictions_alpha1.jsonl")) == 2 and trained_engine.calls
-    assert json.loads((out / "results.json").read_text())["phases"]["sample"]["tokens"] > 0
-
-
-def test_vllm_that_cannot_start_is_one_line(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
-    install_stand_in_vllm(monkeypatch, None)  # its LLM raises as vLLM does without a GPU
-    error = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--engine", "vllm"), capsys)
-    assert "vLLM could not start (No CUDA GPUs are available)" in error and "leave out --engine vllm" in error
-
-
-def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
-    records = read_jsonl(out / "samples.jsonl")
-    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
-    (out / "samples.process1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[5:]))
-    generated = count_calls(monkeypatch, "generate")
-    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
-    assert by_question(read_jsonl(out / "samples.jsonl")) == by_question(records)
-    assert not (out / "samples.process1.jsonl").exists()
-    assert len(generated) == 2  # evaluation only (backbone and trained): nothing was sampled again
-
-
-def by_question(records):
-    return sorted(records, key=lambda r: r["id"])
-
-
+@pytest.mark.slow
 def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sevens_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real_generate, calls = east.generate, []
@@ -949,53 +1183,7 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sev
     assert all(len(r["responses"]) == 4 for r in records)
 
 
-def count_calls(monkeypatch, name):
-    calls = []
-    real = getattr(east, name)
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(east, name, counted)
-    return calls
-
-
-def test_alpha_sweep_samples_once_and_trains_once_per_alpha(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
-    sampled, trained = count_calls(monkeypatch, "sample_responses"), count_calls(monkeypatch, "train")
-    out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "-1", "0", "2", "--eval-samples", "3")) == 0
-    assert len(sampled) == 1 and len(trained) == 3
-    results = json.loads((out / "results.json").read_text())
-    assert [r["alpha"] for r in results["rounds"]] == [-1.0, 0.0, 2.0]
-    assert all(w == 1.0 for s in read_jsonl(out / "weights_alpha0.jsonl") if s["kept"] for w in [s["weight"]])
-    for tag in ("alpha-1", "alpha0", "alpha2"):
-        assert len(read_jsonl(out / f"predictions_{tag}.jsonl")) == 2
-    assert {"maj@3", "pass@3"} <= set(results["backbone"])
-    assert all(p["any_correct"] >= p["majority_correct"] for p in read_jsonl(out / "predictions_alpha2.jsonl"))
-    shown = capsys.readouterr().out
-    try:
-        import matplotlib  # noqa: F401
-        assert (out / "accuracy_by_alpha.png").exists()
-    except ImportError:
-        assert "accuracy_by_alpha [trained]: accuracy by alpha" in shown
-
-
-def test_iterations_sample_again_with_the_trained_model(tiny_model, sevens_file, tmp_path, monkeypatch):
-    sampled = count_calls(monkeypatch, "sample_responses")
-    out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--iterations", "2")) == 0
-    assert len(sampled) == 2
-    assert len(read_jsonl(out / "samples_alpha1_iter2.jsonl")) == 8
-    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha1_iter1", "alpha1_iter2"]
-
-
-@pytest.mark.parametrize("loss", ["dpo", "kto"])
-def test_preference_losses_run_end_to_end(tiny_model, sevens_file, tmp_path, loss):
-    out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--loss", loss, "--beta", "0.1")) == 0
-    steps = read_jsonl(out / "train_log_alpha1.jsonl")
-    assert steps and all(math.isfinite(s["loss"]) for s in steps)
-
-
+@pytest.mark.slow
 def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_path, monkeypatch):
     assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "first")) == 0
     generated = count_calls(monkeypatch, "generate")
@@ -1006,37 +1194,11 @@ def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_pat
     assert (second / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
 
 
-def test_flops_per_token_and_phase_figures(tiny_model):
-    from collections import Counter
-    model, _ = east.load_model(str(tiny_model), torch.device("cpu"))  # untied: embedding 6x16, head 6x16
-    layers = sum(p.numel() for p in model.parameters()) - 2 * 6 * 16
-    assert east.flops_per_token(model) == {"prompt": 2 * layers, "generated": 2 * (layers + 96),
-                                           "trained": 6 * (layers + 96)}
-    flops = {"prompt": 1000, "generated": 1200, "trained": 3600}
-    sampling = east.phase_figures(2.0, Counter(prompt=100, generated=50), flops, 1e6, 512.0)
-    assert sampling["tokens"] == 50 and sampling["tokens_per_s"] == 25 and sampling["prompt_tokens"] == 100
-    assert sampling["share_of_flop_bound"] == pytest.approx((100 * 1000 + 50 * 1200) / 2.0 / 1e6)
-    training = east.phase_figures(1.0, Counter(trained=10), flops, 1e6, 512.0)
-    assert training["tokens"] == 10 and training["share_of_flop_bound"] == pytest.approx(10 * 3600 / 1e6)
-
-
-def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
-    # A benchmark, not a timed test: it checks that each phase is measured and reported, not how fast.
-    argv = ["--bench", "--model", str(tiny_model), "--num-samples", "2", "--max-new-tokens", "8",
-            "--gen-batch-size", "4", "--batch-size", "8", "--micro-batch-size", "4", "--device", "cpu",
-            "--output-dir", str(tmp_path)]
-    assert east.main(argv) == 0
-    report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["phases"]) == ["sample (batched)", "sample (naive loop)", "eval (greedy)", "train (1 epoch)"]
-    for phase in report["phases"].values():
-        assert phase["tokens"] > 0 and phase["peak_memory_mb"] > 0 and phase["share_of_flop_bound"] > 0
-    assert report["sampling_speedup_vs_naive"] > 0
-    assert "batched sampling is" in capsys.readouterr().out
-
-
 # -----------------------------------------------------------------------------
-# The bundled offline model
+# Set-up: the bundled offline model
 
+
+@pytest.mark.slow
 def test_bundled_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch):
     import importlib.util
     from transformers import AutoModelForCausalLM
@@ -1050,3 +1212,36 @@ def test_bundled_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch)
         assert torch.equal(model(**ids).logits, gguf(**ids).logits)
     again, _ = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))  # from the cache now
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+# -----------------------------------------------------------------------------
+# Reporting: the FLOP bound and the benchmark
+
+
+@pytest.mark.slow
+def test_flops_per_token_and_phase_figures(tiny_model):
+    model, _ = east.load_model(str(tiny_model), torch.device("cpu"))  # untied: embedding 6x16, head 6x16
+    layers = sum(p.numel() for p in model.parameters()) - 2 * 6 * 16
+    assert east.flops_per_token(model) == {"prompt": 2 * layers, "generated": 2 * (layers + 96),
+                                           "trained": 6 * (layers + 96)}
+    flops = {"prompt": 1000, "generated": 1200, "trained": 3600}
+    sampling = east.phase_figures(2.0, Counter(prompt=100, generated=50), flops, 1e6, 512.0)
+    assert sampling["tokens"] == 50 and sampling["tokens_per_s"] == 25 and sampling["prompt_tokens"] == 100
+    assert sampling["share_of_flop_bound"] == pytest.approx((100 * 1000 + 50 * 1200) / 2.0 / 1e6)
+    training = east.phase_figures(1.0, Counter(trained=10), flops, 1e6, 512.0)
+    assert training["tokens"] == 10 and training["share_of_flop_bound"] == pytest.approx(10 * 3600 / 1e6)
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
+    # A benchmark, not a timed test: it checks that each phase is measured and reported, not how fast.
+    argv = ["--bench", "--model", str(tiny_model), "--num-samples", "2", "--max-new-tokens", "8",
+            "--gen-batch-size", "4", "--batch-size", "8", "--micro-batch-size", "4", "--device", "cpu",
+            "--output-dir", str(tmp_path)]
+    assert east.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["phases"]) == ["sample (batched)", "sample (naive loop)", "eval (greedy)", "train (1 epoch)"]
+    for phase in report["phases"].values():
+        assert phase["tokens"] > 0 and phase["peak_memory_mb"] > 0 and phase["share_of_flop_bound"] > 0
+    assert report["sampling_speedup_vs_naive"] > 0
+    assert "batched sampling is" in capsys.readouterr().out
