@@ -42,6 +42,7 @@ import contextlib
 import functools
 import gc
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import sys
 import time
 import types
@@ -152,18 +154,21 @@ def score_questions(records, alpha, args):
     scored = []
     for r in records:
         n = len(r["responses"])
-        answers = [extract_answer(text, r["style"]) for text in r["responses"]]  # step 2: extract
+        ended = r.get("ended", [True] * n)  # False: cut off at --max-new-tokens; older files lack the flag
+        answers = [extract_answer(text, r["style"], e) for text, e in zip(r["responses"], ended)]  # step 2
         keys = [canonical_answer(a) or NO_ANSWER for a in answers]  # step 2: the cluster of each path
         entropy = answer_entropy(answers)  # step 3
         correct = [i for i, a in enumerate(answers) if is_equiv(a, r["gold"])]
         wrong = Counter(keys[i] for i in range(n) if i not in correct).most_common(1)  # unanswered is wrong
         rejected = [i for i in range(n) if wrong and keys[i] == wrong[0][0]]
-        kept = bool(correct)  # step 4: a question with no correct path has nothing to teach
+        # Step 4: a question with no correct path has nothing to teach. A path cut off mid-way is never
+        # trained on, even with a right answer: with the end token appended it would teach stopping there.
+        trainable = [i for i in correct if ended[i]]
         scored.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "answers": answers,
                        "clusters": cluster_answers(answers), "entropy": entropy,
                        "accuracy": len(correct) / n, "rejected_share": wrong[0][1] / n if wrong else 0.0,
-                       "num_correct": len(correct), "kept": kept,
-                       "chosen": r["responses"][rng.choice(correct)] if correct else None,
+                       "num_correct": len(correct), "truncated": n - sum(ended), "kept": bool(trainable),
+                       "chosen": r["responses"][rng.choice(trainable)] if trainable else None,
                        "rejected": r["responses"][rng.choice(rejected)] if rejected else None})
     kept = [s for s in scored if s["kept"]]
     uncertainty = [UNCERTAINTY[args.weighting](s) for s in kept]  # u_i: H_i for EAST
@@ -280,7 +285,8 @@ def run(args):
         model, tokenizer = load_model(args.model, device)
     timed.flops = flops_per_token(model)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
-          f"{device}; matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
+          f"{device}, computing in {str(compute_dtype(device)).removeprefix('torch.')}; "
+          f"matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
     args.gen_batch_size = min(gather([questions_per_call(model, args, device)]))  # the same in every process
     print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
 
@@ -303,26 +309,33 @@ def run(args):
     # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
     # with the trained model and train again (iterative self-training).
     report = {"config": vars(args), "backbone": backbone, "rounds": [], "phases": {}}
+    # --repeats trains each alpha again from the same samples with another seed (shuffling, chosen path).
+    report = {"config": vars(args), "backbone": backbone, "rounds": [], "phases": {}}
     try:
-        for number, alpha in enumerate(args.alpha):
+        runs = [(alpha, repeat) for alpha in args.alpha for repeat in range(1, args.repeats + 1)]
+        for number, (alpha, repeat) in enumerate(runs):
             if number > 0:
                 stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
                 model, tokenizer = load_model(args.model, device)
+            round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
             round_records = records
             for iteration in range(1, args.iterations + 1):
-                tag = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
+                name = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
+                tag = name + (f"_r{repeat}" if args.repeats > 1 else "")
                 if iteration > 1:
                     with timed(f"sample {tag}") as phase:
                         round_records, phase.tokens = sample_responses(
-                            model, tokenizer, train_questions, args, out / f"samples_{tag}.jsonl")
+                            model, tokenizer, train_questions, round_args, out / f"samples_{tag}.jsonl")
                 model, scored, examples, evaluation = self_training_round(
-                    model, tokenizer, round_records, alpha, tag, test_questions, args, out, timed)
-                report["rounds"].append(round_report(tag, alpha, scored, examples, evaluation, args))
+                    model, tokenizer, round_records, alpha, tag, test_questions, round_args, out, timed)
+                report["rounds"].append(round_report(tag, name, alpha, scored, examples, evaluation, args))
                 report.setdefault("entropies", [s["entropy"] for s in scored])  # the first round's: a chart
     finally:  # also when a round cannot train or is interrupted: the backbone and finished rounds are kept
         stop_vllm()
         report["phases"] = timed.figures()
         if is_main():
+            report["repeats"] = repeat_statistics(report["rounds"])
+            report["comparisons"] = paired_comparisons(out, report["rounds"])
             (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     if is_main():
         print_summary(report)
@@ -406,7 +419,8 @@ def next_tokens(logits, args, greedy):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, num_return, args, greedy=False):
-    """Returns ([[response] * num_return per prompt], Counter of prompt and generated tokens).
+    """Returns ([[response] * num_return per prompt], [[ended] * num_return per prompt], Counter of prompt
+    and generated tokens); ended is False for a response cut off at --max-new-tokens.
 
     A plain decoding loop with a KV cache: each prompt is encoded once and its cache copied for its
     num_return samples; a sequence leaves the batch as soon as it emits an end token, so finished
@@ -450,8 +464,11 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
                            past_key_values=cache, use_cache=True).logits[:, -1]
     texts = [tokenizer.decode(ids[:-1] if ids[-1] in end_ids else ids, skip_special_tokens=True)
              for ids in outputs]
+    ended = [ids[-1] in end_ids for ids in outputs]
     counts["generated"] = sum(len(ids) for ids in outputs)  # an end token was generated too
-    return [texts[i:i + num_return] for i in range(0, len(texts), num_return)], counts
+    def per_prompt(flat):
+        return [flat[i:i + num_return] for i in range(0, len(flat), num_return)]
+    return per_prompt(texts), per_prompt(ended), counts
 
 
 def sample_responses(model, tokenizer, questions, args, path):
@@ -471,9 +488,9 @@ def sample_responses(model, tokenizer, questions, args, path):
             # Seeded per file and batch: reproducible, yet each iteration's samples draw fresh randomness.
             torch.manual_seed(zlib.crc32(f"{args.seed}:{path.name}:{start}".encode()))
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            responses, used = generate(model, tokenizer, prompts, args.num_samples, args)
+            responses, ended, used = generate(model, tokenizer, prompts, args.num_samples, args)
             records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
-                        "responses": r} for q, r in zip(batch, responses)]
+                        "responses": r, "ended": e} for q, r, e in zip(batch, responses, ended)]
             append_records(own_file(path), records)
             tokens += used
             bar.update(len(batch))
@@ -602,7 +619,7 @@ def trained_length(example):
                if field in example)
 
 
-def accumulate_gradients(model, examples, args, pad_id):
+def accumulate_gradients(model, examples, args, pad_id, scaler=None):
     """Forward and backward one effective batch in micro-batches; returns (loss, tokens).
 
     With several processes each takes every world_size-th example; every loss is already divided by
@@ -617,7 +634,7 @@ def accumulate_gradients(model, examples, args, pad_id):
     for batch, real in micro_batches(sorted(examples, key=trained_length), args.micro_batch_size,
                                      lockstep=is_sharded(model)):
         loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
-        (real * loss).backward()
+        (scaler.scale(real * loss) if scaler else real * loss).backward()
         total_loss += real * loss.item()
         total_tokens += int(real * tokens)
     return sum_over_processes(model, total_loss, total_tokens)
@@ -639,6 +656,9 @@ def train(model, tokenizer, examples, args, log_path):
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # fp16 gradients underflow unless the loss is scaled up first; bf16 and fp32 need no scaling.
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
@@ -652,10 +672,12 @@ def train(model, tokenizer, examples, args, log_path):
             for first in range(0, len(order), args.batch_size):
                 batch = [examples[i] for i in order[first:first + args.batch_size]]
                 step_start = time.time()
-                loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id)
+                loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id, scaler)
+                scaler.unscale_(optimizer)  # the clip applies to the true gradient
                 torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -693,23 +715,24 @@ def evaluate(model, tokenizer, questions, args, path, label):
         for start in starts:
             batch = order[start:start + per_call]
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            greedy, used = generate(model, tokenizer, prompts, 1, args, greedy=True)
+            greedy, greedy_ended, used = generate(model, tokenizer, prompts, 1, args, greedy=True)
             tokens += used
-            sampled = [None] * len(batch)
+            sampled = sampled_ended = [None] * len(batch)
             if args.eval_samples:
                 torch.manual_seed(args.seed * 1_000_003 + start)
-                sampled, used = generate(model, tokenizer, prompts, args.eval_samples, args)
+                sampled, sampled_ended, used = generate(model, tokenizer, prompts, args.eval_samples, args)
                 tokens += used
             new_rows = []
-            for q, (response,), samples in zip(batch, greedy, sampled):
-                answer = extract_answer(response, q["style"])
+            for q, (response,), (ended,), samples, samples_ended in zip(batch, greedy, greedy_ended, sampled,
+                                                                         sampled_ended):
+                answer = extract_answer(response, q["style"], ended)
                 row = {"id": q["id"], "question": q["question"], "gold": q["gold"], "response": response,
-                       "answer": answer, "correct": is_equiv(answer, q["gold"]),
+                       "ended": ended, "answer": answer, "correct": is_equiv(answer, q["gold"]),
                        **{k: q[k] for k in ("level", "subject") if k in q}}
                 if samples is not None:
-                    answers = [extract_answer(t, q["style"]) for t in samples]
+                    answers = [extract_answer(t, q["style"], e) for t, e in zip(samples, samples_ended)]
                     majority = majority_answer(answers)
-                    row.update(samples=samples, sample_answers=answers,
+                    row.update(samples=samples, samples_ended=samples_ended, sample_answers=answers,
                                majority_correct=is_equiv(majority, q["gold"]),
                                any_correct=any(is_equiv(a, q["gold"]) for a in answers))
                 new_rows.append(row)
@@ -735,7 +758,7 @@ def accuracy_report(rows, k=0):
         flags = list(flags)
         return sum(flags) / len(flags)
     report = {"accuracy": share(r["correct"] for r in rows), "correct": sum(r["correct"] for r in rows),
-              "total": len(rows)}
+              "total": len(rows), "truncated": share(not r.get("ended", True) for r in rows)}
     if k:
         report[f"maj@{k}"] = share(r["majority_correct"] for r in rows)
         report[f"pass@{k}"] = share(r["any_correct"] for r in rows)
@@ -787,16 +810,18 @@ FINAL_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*"
 NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def extract_answer(text, dataset="gsm8k"):
+def extract_answer(text, dataset="gsm8k", ended=True):
     """The final answer of a response, or None: the last \\boxed{}, else "the answer is ...";
     for GSM8K-style (numeric) questions also the first '#### N', else the last number, and each
-    of these is reduced to its last number ("3 + 7 = 10" -> "10") or skipped if it has none."""
+    of these is reduced to its last number ("3 + 7 = 10" -> "10") or skipped if it has none.
+    A response cut off at the length limit (ended=False) keeps only an answer it states: its last
+    number is wherever the cut fell ("... 9 + 8 = Sam" -> "8")."""
     stated = FINAL_ANSWER.findall(text)
     candidates = [last_boxed(text), stated[-1].strip("$ ") if stated else None]
     if dataset != "gsm8k":
         return next((c for c in candidates if c), None)
     marked = re.search(r"####\s*([^\n]+)", text)
-    candidates += [marked.group(1) if marked else None, text]
+    candidates += [marked.group(1) if marked else None, text if ended else None]
     for candidate in filter(None, candidates):
         if parse_number(normalise_answer(candidate)) is not None:
             return candidate.strip()
@@ -1306,21 +1331,27 @@ def start_vllm(model, tokenizer, args):
     folder = Path(args.output_dir) / "vllm_model"
     device = next(model.parameters()).device
     with torch.inference_mode(False):  # called from generate(): moved weights must stay trainable
-        bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-        model.save_pretrained(folder, state_dict=bf16)
+        half = {k: v.to(vllm_dtype(device)) for k, v in model.state_dict().items()}
+        model.save_pretrained(folder, state_dict=half)
         model.to("cpu")
     tokenizer.save_pretrained(folder)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     print(f"starting vLLM on {folder}")
     try:
-        engine = LLM(model=str(folder), dtype="bfloat16", seed=args.seed, trust_remote_code=False)
+        engine = LLM(model=str(folder), dtype=str(vllm_dtype(device)).removeprefix("torch."), seed=args.seed,
+                     trust_remote_code=False)
     except (RuntimeError, ValueError, OSError) as e:  # no usable GPU, an architecture vLLM lacks, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"vLLM could not start ({reason[:160]}); leave out --engine vllm to sample with "
                          f"east.py's own decoding loop") from None
     vllm_running.update(engine=engine, model=model, device=device)
     return engine
+
+
+def vllm_dtype(device):
+    """vLLM runs on a CUDA GPU, in fp16 where the GPU lacks bf16 (it refuses bf16 there)."""
+    return torch.float16 if compute_dtype(device) == torch.float16 else torch.bfloat16
 
 
 def stop_vllm():
@@ -1350,7 +1381,8 @@ def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy=False
     results = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     counts = Counter(prompt=sum(map(len, prompt_ids)),
                      generated=sum(len(sample.token_ids) for result in results for sample in result.outputs))
-    return [[sample.text for sample in result.outputs] for result in results], counts
+    return ([[sample.text for sample in result.outputs] for result in results],
+            [[sample.finish_reason == "stop" for sample in result.outputs] for result in results], counts)
 
 
 # =============================================================================
@@ -1412,6 +1444,9 @@ def build_parser():
     g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, wrong paths' weight")
     g.add_argument("--iterations", type=int, default=1,
                    help="rounds of iterative self-training (resample, retrain)")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="train and evaluate each alpha K times from the same samples, with other training "
+                        "seeds (shuffling, the chosen path): mean and sd per alpha, comparisons pooled")
     g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
     g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
     g.add_argument("--batch-size", type=int, default=16, help="effective batch B, examples per AdamW step")
@@ -1454,7 +1489,7 @@ def check_args(args):
             raise UsageError(f"--gen-batch-size must be auto or at least 1, got {args.gen_batch_size}")
         args.gen_batch_size = int(args.gen_batch_size)
     for flag in ("num_samples", "max_new_tokens", "epochs", "batch_size",
-                 "micro_batch_size", "train_size", "eval_size", "iterations"):
+                 "micro_batch_size", "train_size", "eval_size", "iterations", "repeats"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -1491,11 +1526,17 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def compute_dtype(device):
+    """What forward passes compute in: bf16 on a GPU that has it natively (compute capability 8.0 and up:
+    A100, H100, RTX 30xx and later), fp16 on older ones (Colab's T4, V100, P100), fp32 on CPU and MPS."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def autocast(device):
-    # bf16 only where it is fast and safe (CUDA); CPU and MPS stay in fp32.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = compute_dtype(device)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -1829,9 +1870,9 @@ def peak_memory_mb(device):
 
 
 def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
-    """Dense matrix-multiply rate in the dtype the model computes in (bf16 on CUDA, else fp32): the best
+    """Dense matrix-multiply rate in the dtype the model computes in (compute_dtype): the best
     of a few trials, since a shared or throttled machine only ever lowers it."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     wait = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     a @ b  # warm-up
@@ -1878,7 +1919,10 @@ BENCH_QUESTIONS = 16
 def benchmark(args):
     """Sampling, greedy evaluation and one epoch of weighted SFT on a fixed small workload (16 generated
     arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound (phase_figures).
-    Sampling is also set against a naive loop that generates one sample of one prompt per call."""
+    Sampling is also set against a naive loop that generates one sample of one prompt per call, and
+    against peers: transformers' model.generate on the same prompts, n, length, temperature and top-p
+    (num_return_sequences, one call), and, where trl is installed, TRL's SFTTrainer on the same
+    examples (1 epoch, the same batch split)."""
     check_args(args)
     if launched_as_several():
         raise UsageError("--bench measures one process; run it with python, not accelerate launch")
@@ -1907,17 +1951,17 @@ def benchmark(args):
 
     def batched_sampling():
         torch.manual_seed(args.seed)
-        return sum((generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[1]
+        return sum((generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[2]
                     for i in range(0, len(prompts), args.gen_batch_size)), Counter())
 
     def naive_sampling():  # the first 2 questions only: this loop is slow
         torch.manual_seed(args.seed)
-        return sum((generate(model, tokenizer, [prompt], 1, args)[1]
+        return sum((generate(model, tokenizer, [prompt], 1, args)[2]
                     for prompt in prompts[:2] for _ in range(args.num_samples)), Counter())
 
     def greedy_evaluation():
         per_call = args.gen_batch_size * args.num_samples
-        return sum((generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[1]
+        return sum((generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[2]
                     for i in range(0, len(prompts), per_call)), Counter())
 
     def training():
@@ -1927,10 +1971,46 @@ def benchmark(args):
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             return train(model, tokenizer, examples, train_args, Path(os.devnull))[1]
 
+    def transformers_generate():  # a peer: the same sampling through model.generate
+        torch.manual_seed(args.seed)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                          add_special_tokens=False).to(device)
+        with torch.inference_mode(), autocast(device):
+            out = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                                 top_k=0, max_new_tokens=args.max_new_tokens,
+                                 num_return_sequences=args.num_samples, pad_token_id=tokenizer.pad_token_id)
+        out = out[:, batch["input_ids"].shape[1]:]  # the generated part, (num_prompts * n, T)
+        ends = torch.isin(out, torch.tensor(sorted(end_token_ids(model, tokenizer)), device=device))
+        lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, out.shape[1])  # up to its end token
+        return Counter(prompt=args.num_samples * int(batch["attention_mask"].sum()),  # encoded n times
+                       generated=int(lengths.sum()))
+
+    def trl_training():  # a peer: TRL's SFTTrainer, where trl is installed (never required)
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+        rows = [{"prompt": render_prompt(tokenizer, q["question"]), "completion": q["answer"]}
+                for q in make_arith(BENCH_QUESTIONS, args.seed)]
+        dtype = compute_dtype(device)
+        config = SFTConfig(output_dir=str(out / "trl"), num_train_epochs=1, learning_rate=args.lr,
+                           per_device_train_batch_size=args.micro_batch_size,
+                           gradient_accumulation_steps=max(1, args.batch_size // args.micro_batch_size),
+                           max_grad_norm=GRAD_CLIP, max_length=None, save_strategy="no",
+                           logging_strategy="no", report_to=[], use_cpu=device.type == "cpu",
+                           bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=args.seed)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer)
+        tokens = sum(map(len, trainer.train_dataset["input_ids"]))  # prompt and completion, as east.py counts
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            trainer.train()
+        return Counter(trained=tokens)
+
     measure("sample (batched)", batched_sampling)
     measure("sample (naive loop)", naive_sampling)
     measure("eval (greedy)", greedy_evaluation)
     measure("train (1 epoch)", training)
+    measure("peer: model.generate", transformers_generate)
+    if importlib.util.find_spec("trl") is not None:
+        measure("peer: TRL SFTTrainer", trl_training)
     speedup = rows["sample (batched)"]["tokens_per_s"] / rows["sample (naive loop)"]["tokens_per_s"]
     print("phase                  tokens  +prompt  seconds  tokens/s  of FLOP bound  peak MB")
     for name, r in rows.items():
@@ -1938,10 +2018,99 @@ def benchmark(args):
               f"{r['tokens_per_s']:10.1f}{100 * r['share_of_flop_bound']:14.0f}%{r['peak_memory_mb']:9.0f}")
     print(f"batched sampling is {speedup:.1f}x the naive loop (n={args.num_samples}, "
           f"{args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
+    peers = {"sample (batched)": "peer: model.generate", "train (1 epoch)": "peer: TRL SFTTrainer"}
+    for ours, peer in peers.items():
+        if peer in rows:
+            ratio = rows[ours]["tokens_per_s"] / rows[peer]["tokens_per_s"]
+            print(f"{ours}: {rows[ours]['tokens_per_s']:.1f} tokens/s against "
+                  f"{rows[peer]['tokens_per_s']:.1f} for {peer.removeprefix('peer: ')}: {ratio:.2f}x")
+        else:
+            print(f"{ours}: no {peer.removeprefix('peer: ')} to compare (pip install trl to add it)")
     report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": flops,
               "flop_bound_tokens_per_s": bound, "phases": rows, "sampling_speedup_vs_naive": speedup}
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+# -----------------------------------------------------------------------------
+# Comparisons: at a few hundred test questions most differences between two runs are noise, so two
+# runs are compared question by question (paired), with an interval and a p-value, never as two numbers.
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def mcnemar_p(lost, gained):
+    """Exact two-sided McNemar p-value: of the questions one run got right and the other wrong, is the
+    split lost : gained further from even than chance would make it? A binomial test at 1/2.
+
+    Example: mcnemar_p(1, 9) == 0.0215 (to 4 places); mcnemar_p(3, 3) == 1; mcnemar_p(0, 0) == 1.
+    """
+    n = lost + gained
+    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap_ci(differences, resamples=BOOTSTRAP_RESAMPLES, seed=0):
+    """95% interval of the mean per-question difference: the 2.5th and 97.5th percentiles of the mean
+    over `resamples` resamplings of the questions with replacement (fixed seed: the same every run)."""
+    rng, n = random.Random(seed), len(differences)
+    means = sorted(sum(rng.choices(differences, k=n)) / n for _ in range(resamples))
+    return means[round(0.025 * resamples)], means[round(0.975 * resamples) - 1]
+
+
+def wilson_interval(correct, total, z=1.96):
+    """95% interval of one accuracy (Wilson score): the error bar of a point in a chart."""
+    p, z2 = correct / total, z * z / total
+    centre, half = (p + z2 / 2) / (1 + z2), z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(first, second):
+    """second - first on the same questions. first, second: {question id: [correct per repeat]}, the
+    repeats paired in order. Returns the difference in points, its 95% bootstrap interval over
+    questions, and the McNemar p-value of the pooled pairs (lost: right in first only; gained: second)."""
+    pairs = {q: list(zip(first[q], second[q])) for q in first}
+    per_question = [sum(b - a for a, b in p) / len(p) for p in pairs.values()]
+    lost = sum(a and not b for p in pairs.values() for a, b in p)
+    gained = sum(b and not a for p in pairs.values() for a, b in p)
+    low, high = paired_bootstrap_ci(per_question)
+    return {"difference": 100 * sum(per_question) / len(per_question), "ci95": [100 * low, 100 * high],
+            "p": mcnemar_p(lost, gained), "lost": lost, "gained": gained, "questions": len(pairs)}
+
+
+def repeat_statistics(rounds):
+    """Mean and sample standard deviation of each run's accuracy over its repeats (--repeats)."""
+    accuracies = {}
+    for r in rounds:
+        accuracies.setdefault(r["name"], []).append(r["evaluation"]["accuracy"])
+    return {name: {"accuracies": a, "mean": statistics.mean(a),
+                   "sd": statistics.stdev(a) if len(a) > 1 else 0.0} for name, a in accuracies.items()}
+
+
+def verdict(c):
+    """The comparison in one plain sentence."""
+    words = "evidence of a difference" if c["p"] < 0.05 else "no evidence of a difference"
+    return (f"{c['second']} vs {c['first']}: {c['difference']:+.1f} points, 95% CI [{c['ci95'][0]:+.1f}, "
+            f"{c['ci95'][1]:+.1f}], p = {c['p']:.2g}: {words}")
+
+
+def paired_comparisons(out, rounds):
+    """Each trained run against the backbone, then each pair of runs, from their prediction files; the
+    repeats of a run (--repeats) are pooled."""
+    def correct(tag):
+        rows = map(json.loads, (out / f"predictions_{tag}.jsonl").read_text(encoding="utf-8").splitlines())
+        return {row["id"]: row["correct"] for row in rows}
+    runs = {}  # name: {question id: [correct in each repeat]}
+    for r in rounds:
+        for q, c in correct(r["tag"]).items():
+            runs.setdefault(r["name"], {}).setdefault(q, []).append(c)
+    backbone = correct("backbone")
+    comparisons = [{"first": "backbone", "second": name,
+                    **paired_difference({q: [c] * len(run[q]) for q, c in backbone.items()}, run)}
+                   for name, run in runs.items()]
+    for first, second in itertools.combinations(runs, 2):
+        comparisons.append({"first": first, "second": second, **paired_difference(runs[first], runs[second])})
+    return comparisons
 
 
 # -----------------------------------------------------------------------------
@@ -1963,15 +2132,16 @@ def worked_example(scored, n):
             "entropy": s["entropy"], "weight": s["weight"]}
 
 
-def round_report(tag, alpha, scored, examples, evaluation, args):
+def round_report(tag, name, alpha, scored, examples, evaluation, args):
     """A round's entry in results.json: its evaluation, counts, entropy and weight statistics, the worked
-    example and the (u, w) points of the weights chart."""
+    example and the (u, w) points of the weights chart. name is the tag without a repeat's _rK."""
     kept = [s for s in scored if s["kept"]]
     entropies, weights = [s["entropy"] for s in scored], [s["weight"] for s in kept]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
-    return {"tag": tag, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
+    truncated = sum(s["truncated"] for s in scored) / (len(scored) * args.num_samples)
+    return {"tag": tag, "name": name, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
             "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
-                       "partial_agreement": partial},
+                       "partial_agreement": partial, "truncated_samples": truncated},
             "entropy": min_mean_max(entropies), "weights": min_mean_max(weights),
             "example": worked_example(scored, args.num_samples),
             "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
@@ -1983,89 +2153,112 @@ def print_summary(report):
     first = report["rounds"][0]
     e, c, ex = first["entropy"], first["counts"], first["example"]
     clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
-    def extra(ev):
-        return f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
-    rounds = "\n".join(f"  {r['tag']:<22}{r['counts']['kept']:5d} kept "
-                       f"{100 * r['evaluation']['accuracy']:6.1f}% "
-                       f"({100 * (r['evaluation']['accuracy'] - backbone['accuracy']):+.1f})"
-                       f"{extra(r['evaluation'])}" for r in report["rounds"])
-    breakdown = ""
+    partial = f"{c['partial_agreement']} of {c['sampled']} ({c['partial_agreement'] / c['sampled']:.0%})"
+
+    def accuracy_line(label, kept, ev):
+        versus = "" if label == "backbone" else f"({100 * (ev['accuracy'] - backbone['accuracy']):+.1f})"
+        extra = f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
+        return f"  {label:<22}{kept:>10}{100 * ev['accuracy']:7.1f}% {versus:>7}{ev['truncated']:9.0%}{extra}"
+
+    lines = [
+        "", "==================== EAST summary ====================",
+        f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
+        f"weighting {config['weighting']} ({config['mapping']})",
+        f"questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct path "
+        f"to train on",
+        f"samples          {c['truncated_samples']:.0%} cut off at {config['max_new_tokens']} new tokens "
+        f"(they count only an answer they state, and are never trained on)",
+        f"entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits "
+        f"(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial}",
+        f"example          {ex['question'][:90]!r}",
+        f"                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, "
+        f"w = {ex['weight']:.2f} (a={first['alpha']:g})",
+        f"accuracy on {backbone['total']} test questions    greedy  (points)  cut off",
+        accuracy_line("backbone", "", backbone),
+        *(accuracy_line(r["tag"], f"{r['counts']['kept']} kept", r["evaluation"]) for r in report["rounds"])]
     for field in ("level", "subject"):
         if f"by_{field}" in backbone:
             last = report["rounds"][-1]["evaluation"][f"by_{field}"]
-            breakdown += f"\nby {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
-                                                         for g, a in backbone[f"by_{field}"].items())
-    phases = "\n".join(f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
-                       f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"
-                       for name, p in report["phases"].items())
-    partial = f"{c['partial_agreement']} of {c['sampled']} ({c['partial_agreement'] / c['sampled']:.0%})"
-    print(f"""
-==================== EAST summary ====================
-model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | \
-weighting {config['weighting']} ({config['mapping']})
-questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct answer
-entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits \
-(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial}
-example          {ex['question'][:90]!r}
-                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, \
-w = {ex['weight']:.2f} (a={first['alpha']:g})
-accuracy on {backbone['total']} test questions (points vs backbone)
-  {'backbone':<22}           {100 * backbone['accuracy']:6.1f}%{extra(backbone)}
-{rounds}{breakdown}
-phase                      seconds    tokens   tokens/s  of FLOP bound  peak MB
-{phases}
-======================================================""")
+            lines.append(f"by {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
+                                                       for g, a in backbone[f"by_{field}"].items()))
+    if config["repeats"] > 1:
+        lines.append(f"over {config['repeats']} repeats  " + ", ".join(
+            f"{name} {100 * s['mean']:.1f} ± {100 * s['sd']:.1f}%" for name, s in report["repeats"].items()))
+    lines.append(f"paired on the same questions (95% CI: {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of the "
+                 f"questions; p: exact McNemar)")
+    lines += [f"  {verdict(c)} ({c['gained']} gained, {c['lost']} lost)" for c in report["comparisons"]]
+    lines.append("phase                      seconds    tokens   tokens/s  of FLOP bound  peak MB")
+    lines += [f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
+              f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"
+              for name, p in report["phases"].items()]
+    print("\n".join(lines + ["======================================================"]))
 
 
-def text_bars(title, labels, values, width=40):
-    """A horizontal bar chart in plain text."""
+def text_bars(title, labels, values, intervals=None, width=40):
+    """A horizontal bar chart in plain text, with each value's 95% interval when given."""
     top = max(values, default=0) or 1
-    return "\n".join([title] + [f"  {label:>12} | {'#' * round(width * v / top):<{width}} {v:.3g}"
-                                for label, v in zip(labels, values)])
+    shown = [f" [{low:.3g}, {high:.3g}]" for low, high in intervals] if intervals else [""] * len(values)
+    return "\n".join([title] + [f"  {label:>12} | {'#' * round(width * v / top):<{width}} {v:.3g}{interval}"
+                                for label, v, interval in zip(labels, values, shown)])
 
 
 def draw_charts(report, out):
     """The paper's pictures for this run: entropy histogram, weight against uncertainty, accuracy per
     alpha (Figure 3) and per iteration (Figure 4). PNGs when matplotlib is installed, text otherwise."""
-    config, backbone = report["config"], report["backbone"]["accuracy"]
-    last = {r["alpha"]: r for r in report["rounds"]}  # each alpha's final round
+    config, backbone = report["config"], report["backbone"]
+    rounds = [r for r in report["rounds"] if r["tag"] in (r["name"], r["name"] + "_r1")]  # first repeats
+    last = {r["alpha"]: r for r in rounds}  # each alpha's final round
+
+    def accuracies(evaluations):  # the accuracies, and their 95% intervals for error bars
+        evaluations = list(evaluations)
+        return ([ev["accuracy"] for ev in evaluations],
+                [wilson_interval(ev["correct"], ev["total"]) for ev in evaluations])
     histogram = sorted(Counter(round(h, 2) for h in report["entropies"]).items())
 
     def curve(points):  # the distinct (u, w) pairs of the kept questions, in order of u
         pairs = sorted(set((round(u, 3), round(w, 3)) for u, w in points))
         return [u for u, _ in pairs], [w for _, w in pairs]
 
-    charts = [  # (file, x label, y label, [(series label, xs, ys)])
+    charts = [  # (file, x label, y label, [(series label, xs, ys, 95% intervals or None)])
         ("entropy_histogram", f"entropy H (bits), n = {config['num_samples']}", "questions",
-         [("questions", [h for h, _ in histogram], [c for _, c in histogram])]),
+         [("questions", [h for h, _ in histogram], [c for _, c in histogram], None)]),
         ("weights", f"uncertainty u ({config['weighting']})", "weight w",
-         [(f"a={a:g}", *curve(r["points"])) for a, r in last.items()]),
+         [(f"a={a:g}", *curve(r["points"]), None) for a, r in last.items()]),
         ("accuracy_by_alpha", "alpha", "accuracy",
-         [("trained", list(last), [r["evaluation"]["accuracy"] for r in last.values()]),
-          ("backbone", list(last), [backbone] * len(last))]),
+         [("trained", list(last), *accuracies(r["evaluation"] for r in last.values())),
+          ("backbone", list(last), *accuracies([backbone] * len(last)))]),
     ]
     if config["iterations"] > 1:
         charts.append(("accuracy_by_iteration", "iteration", "accuracy",
                        [(f"a={a:g}", list(range(config["iterations"] + 1)),
-                         [backbone] + [r["evaluation"]["accuracy"] for r in report["rounds"]
-                                       if r["alpha"] == a]) for a in last]))
+                         *accuracies([backbone] + [r["evaluation"] for r in rounds if r["alpha"] == a]))
+                        for a in last]))
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
         for name, xlabel, ylabel, series in charts:
-            for label, xs, ys in series:
-                print(text_bars(f"{name} [{label}]: {ylabel} by {xlabel}", [f"{x:g}" for x in xs], ys))
+            for label, xs, ys, intervals in series:
+                title = f"{name} [{label}]: {ylabel} by {xlabel}" + (" [95% interval]" if intervals else "")
+                print(text_bars(title, [f"{x:g}" for x in xs], ys, intervals))
         return
     for name, xlabel, ylabel, series in charts:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for label, xs, ys in series:
+        for label, xs, ys, intervals in series:
             if name == "entropy_histogram":
                 ax.bar(xs, ys, width=0.05)
+                continue
+            if label == "backbone":  # a band: the backbone's 95% interval
+                ax.plot(xs, ys, "--", label=label)
+                ax.fill_between(xs, *zip(*intervals), alpha=0.2)
+            elif intervals:  # error bars: each point's 95% interval
+                below = [y - low for y, (low, _) in zip(ys, intervals)]
+                above = [high - y for y, (_, high) in zip(ys, intervals)]
+                ax.errorbar(xs, ys, yerr=[below, above], fmt="o-", capsize=3, label=label)
             else:
-                ax.plot(xs, ys, "--" if label == "backbone" else "o-", label=label)
-                ax.legend()
+                ax.plot(xs, ys, "o-", label=label)
+            ax.legend()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         fig.tight_layout()

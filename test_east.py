@@ -5,6 +5,7 @@ round and the run, the machinery, the grader, scale, set-up and reporting. Tests
 marked slow: `pytest -m "not slow" test_east.py` checks the method and the grader in seconds.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -170,6 +171,27 @@ def test_scores_and_ablation_weights_on_hand_made_samples():
         assert weights == pytest.approx([u / (sum(uncertainty) / 3) for u in uncertainty]), weighting
 
 
+def test_a_cut_off_path_counts_for_entropy_but_is_never_trained_on():
+    texts = ["so \\boxed{7}", "so \\boxed{7}, and", "so \\boxed{8}", "7 + 1 = 8 and 7"]
+    records = [{"id": "train-0", "question": "q0", "gold": "7", "style": "gsm8k", "responses": texts,
+                "ended": [False, True, True, False]},
+               {"id": "train-1", "question": "q1", "gold": "7", "style": "gsm8k", "responses": texts,
+                "ended": [False, False, True, True]},
+               {"id": "train-2", "question": "q2", "gold": "7", "style": "gsm8k", "responses": texts}]
+    for seed in range(5):  # whatever the seed, only the ended right path is chosen
+        args = east.build_parser().parse_args(["--num-samples", "4", "--seed", str(seed)])
+        first, second, old = east.score_questions(records, 1.0, args)
+        assert first["answers"] == ["7", "7", "8", None] and first["accuracy"] == 0.5
+        assert first["entropy"] == pytest.approx(1.5) and first["truncated"] == 2
+        assert first["kept"] and first["chosen"] == texts[1]
+        assert second["answers"] == ["7", "7", "8", "7"] and second["accuracy"] == 0.75
+        assert second["kept"] and second["chosen"] == texts[3]
+    records[1]["ended"] = [False, False, True, False]  # every right path cut off: nothing to train on
+    _, only_cut, old = east.score_questions(records, 1.0, args)
+    assert not only_cut["kept"] and only_cut["chosen"] is None and only_cut["accuracy"] == 0.5
+    assert old["truncated"] == 0 and old["answers"] == ["7", "7", "8", "7"]  # samples files without the flag
+
+
 # -----------------------------------------------------------------------------
 # The method: weighted losses (step 6)
 
@@ -262,7 +284,19 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path, cap
         assert report["accuracy"] == sum(p["correct"] for p in predictions) / 2
     assert trained["counts"]["kept"] == len(kept) and trained["counts"]["sampled"] == 8
     partial = trained["counts"]["partial_agreement"]
-    assert f"0 < H < log2 n for {partial} of 8 ({round(100 * partial / 8)}%)\n" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"0 < H < log2 n for {partial} of 8 ({round(100 * partial / 8)}%)\n" in shown
+    cut = [not e for s in samples for e in s["ended"]]  # the share of samples cut off at the length limit
+    assert trained["counts"]["truncated_samples"] == sum(cut) / len(cut)
+    before, after = (read_jsonl(out / f"predictions_{label}.jsonl") for label in ("backbone", "alpha2"))
+    assert results["backbone"]["truncated"] == sum(not p["ended"] for p in before) / 2
+    (comparison,) = results["comparisons"]  # the trained run against the backbone, question by question
+    assert (comparison["first"], comparison["second"], comparison["questions"]) == ("backbone", "alpha2", 2)
+    assert comparison["gained"] == sum(b["correct"] < a["correct"] for b, a in zip(before, after))
+    assert comparison["lost"] == sum(b["correct"] > a["correct"] for b, a in zip(before, after))
+    assert comparison["difference"] == pytest.approx(100 * (trained["evaluation"]["accuracy"]
+                                                            - results["backbone"]["accuracy"]))
+    assert east.verdict(comparison) in shown
     steps = read_jsonl(out / "train_log_alpha2.jsonl")
     assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
     assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
@@ -297,7 +331,7 @@ def test_alpha_sweep_samples_once_and_trains_once_per_alpha(tiny_model, sevens_f
     predictions = read_jsonl(out / "predictions_alpha2.jsonl")
     assert all(p["any_correct"] >= p["majority_correct"] for p in predictions)
     for p in predictions:  # the reported extras follow from the rows' own sampled answers
-        assert p["sample_answers"] == [east.extract_answer(t, "gsm8k") for t in p["samples"]]
+        assert p["sample_answers"] == [east.extract_answer(t, "gsm8k", e) for t, e in zip(p["samples"], p["samples_ended"])]
         assert p["any_correct"] == any(east.is_equiv(a, p["gold"]) for a in p["sample_answers"])
         assert p["majority_correct"] == east.is_equiv(east.majority_answer(p["sample_answers"]), p["gold"])
     alpha2 = results["rounds"][2]["evaluation"]
@@ -359,6 +393,28 @@ def test_preference_losses_run_end_to_end(tiny_model, sevens_file, tmp_path, los
         weights = [s["weight"] for s in kept] + paired  # desirable examples, then undesirable ones
         expected = 0.5 * sum(weights) / len(weights)
     assert steps[0]["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_repeats_train_each_alpha_again_and_pool_the_comparisons(tiny_model, sevens_file, tmp_path):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "0", "1", "--repeats", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    tags = ["alpha0_r1", "alpha0_r2", "alpha1_r1", "alpha1_r2"]
+    assert [r["tag"] for r in results["rounds"]] == tags
+    assert len(read_jsonl(out / "samples.jsonl")) == 8 and not list(out.glob("samples_*"))  # sampled once
+    for name in ("alpha0", "alpha1"):
+        accuracies = [r["evaluation"]["accuracy"] for r in results["rounds"] if r["name"] == name]
+        assert results["repeats"][name]["accuracies"] == accuracies
+        assert results["repeats"][name]["mean"] == pytest.approx(sum(accuracies) / 2)
+        assert results["repeats"][name]["sd"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
+    pairs = [(c["first"], c["second"], c["questions"]) for c in results["comparisons"]]
+    assert pairs == [("backbone", "alpha0", 2), ("backbone", "alpha1", 2), ("alpha0", "alpha1", 2)]
+    rows = {tag: read_jsonl(out / f"predictions_{tag}.jsonl") for tag in tags}
+    pooled = [(a["correct"], b["correct"]) for k in (1, 2)  # each question once per repeat, repeat with repeat
+              for a, b in zip(rows[f"alpha0_r{k}"], rows[f"alpha1_r{k}"])]
+    last = results["comparisons"][-1]
+    assert (last["gained"], last["lost"]) == (sum(a < b for a, b in pooled), sum(a > b for a, b in pooled))
 
 
 @pytest.mark.slow
@@ -444,7 +500,7 @@ def test_decoding_loop_matches_transformers_greedy_generate():
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
     args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0)
-    ours, tokens = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
+    ours, ended, tokens = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -454,6 +510,7 @@ def test_decoding_loop_matches_transformers_greedy_generate():
     assert len(set(lengths.tolist())) == 4 and lengths.max() == 40  # the case this test is about
     expected = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out, lengths.tolist())]
     assert ours == [[text, text] for text in expected]
+    assert ended == [[stop, stop] for stop in ends.any(1).tolist()]  # the one that ran to the limit: False
     assert tokens == {"prompt": int(batch["attention_mask"].sum()), "generated": 2 * int(lengths.sum())}
 
 
@@ -574,6 +631,39 @@ def test_kto_reference_point_is_the_mean_mismatched_reward_floored_at_zero(tiny_
             assert reference_point == pytest.approx(z0, abs=1e-4)
 
 
+def test_compute_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert east.compute_dtype(cpu) == torch.float32 and isinstance(east.autocast(cpu), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # Colab's T4
+    assert east.compute_dtype(gpu) == east.vllm_dtype(gpu) == torch.float16
+    assert east.autocast(gpu).fast_dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert east.compute_dtype(gpu) == east.vllm_dtype(gpu) == torch.bfloat16
+    assert east.autocast(gpu).fast_dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_fp16_training_scales_the_loss(tiny_model, tmp_path, monkeypatch):
+    # CPU autocast runs fp16 too, so the fp16 branch (autocast and GradScaler) is run for real here.
+    scales, update = [], torch.amp.GradScaler.update
+
+    def update_and_note(self, *args):
+        scales.append(self.get_scale())
+        return update(self, *args)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "update", update_and_note)
+    monkeypatch.setattr(east, "compute_dtype", lambda device: torch.float16)
+    model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0}
+                for i in range(4)]
+    args = east.build_parser().parse_args(["--epochs", "4", "--batch-size", "2", "--lr", "1e-2"])
+    east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
+    trained = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert len(scales) == 8 and min(scales) > 1  # every step's loss was scaled up
+    assert torch.isfinite(trained).all() and not torch.equal(trained, start)
+
+
 @pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monkeypatch):
     accumulate, checkpointing = east.accumulate_gradients, []
@@ -630,8 +720,8 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     def canned_generate(model, tokenizer, prompts, num_return, args, greedy=False):
         questions = [prompt.split("\n")[0][len("U:"):] for prompt in prompts]
         if greedy:
-            return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], east.Counter()
-        return [samples[q] for q in questions], east.Counter()
+            return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], [[True]] * len(prompts), Counter()
+        return [samples[q] for q in questions], [[True] * 3] * len(prompts), Counter()
     monkeypatch.setattr(east, "generate", canned_generate)
     questions = [{"id": f"test-{i}", "question": q, "gold": "2", "style": "math"} for i, q in enumerate(samples)]
     args = argparse.Namespace(gen_batch_size=4, num_samples=1, eval_samples=3, seed=0)
@@ -669,6 +759,17 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
 ])
 def test_extract_answer(text, dataset, expected):
     assert east.extract_answer(text, dataset) == expected
+
+
+@pytest.mark.parametrize("text, ended, expected", [
+    ("so 3 + 4 = \\boxed{7}. Then we", False, "7"),  # a box survives the cut
+    ("The answer is 12 apples. Now let", False, "12 apples"),  # so does a stated answer (graded as 12)
+    ("Then 2 + 3 = 5.\n#### 5\nand the", False, "5"),
+    ("She has 9 pens. 9 + 8 = Sam", False, None),  # cut mid-sentence: its last number means nothing
+    ("She has 9 pens. 9 + 8 = Sam", True, "8"),  # an ended response keeps the last-number fallback
+])
+def test_a_cut_off_response_keeps_only_an_answer_it_states(text, ended, expected):
+    assert east.extract_answer(text, "gsm8k", ended) == expected
 
 
 # (prediction, gold, equivalent?, the rule it exercises), written from real answer styles
@@ -936,9 +1037,12 @@ def stand_in_vllm(engines):
                                       temperature=params.temperature or 1.0, top_p=params.top_p)
             torch.manual_seed(params.seed)
             texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
-            responses, _ = east.generate(self.model, self.tokenizer, texts, params.n, args, greedy=params.temperature == 0)
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"])
-                                                   for text in group]) for group in responses]
+            responses, ended, _ = east.generate(self.model, self.tokenizer, texts, params.n, args,
+                                                greedy=params.temperature == 0)
+            return [types.SimpleNamespace(outputs=[
+                types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"],
+                                      finish_reason="stop" if stopped else "length")
+                for text, stopped in zip(group, group_ended)]) for group, group_ended in zip(responses, ended)]
 
         def shutdown(self):
             self.running = False
@@ -1186,12 +1290,16 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sev
 @pytest.mark.slow
 def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_path, monkeypatch):
     assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "first")) == 0
+    records = read_jsonl(tmp_path / "first" / "samples.jsonl")  # as written before the ended flag existed:
+    (tmp_path / "first" / "samples.jsonl").write_text(  # every sample counts as ended
+        "".join(json.dumps({k: v for k, v in r.items() if k != "ended"}) + "\n" for r in records))
     generated = count_calls(monkeypatch, "generate")
     second = tmp_path / "second"
     argv = tiny_argv(tiny_model, sevens_file, second, "--samples", str(tmp_path / "first" / "samples.jsonl"))
     assert east.main(argv) == 0
     assert all(call[3] == 1 for call in generated)  # only greedy evaluation generated: nothing was sampled
     assert (second / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
+    assert all(s["truncated"] == 0 for s in read_jsonl(second / "weights_alpha1.jsonl"))
 
 
 # -----------------------------------------------------------------------------
@@ -1240,8 +1348,44 @@ def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
             "--output-dir", str(tmp_path)]
     assert east.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["phases"]) == ["sample (batched)", "sample (naive loop)", "eval (greedy)", "train (1 epoch)"]
+    assert list(report["phases"])[:5] == ["sample (batched)", "sample (naive loop)", "eval (greedy)", "train (1 epoch)",
+                                          "peer: model.generate"]
     for phase in report["phases"].values():
         assert phase["tokens"] > 0 and phase["peak_memory_mb"] > 0 and phase["share_of_flop_bound"] > 0
     assert report["sampling_speedup_vs_naive"] > 0
     assert "batched sampling is" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Reporting: paired comparisons
+
+def test_mcnemar_hand_values():
+    assert east.mcnemar_p(1, 9) == pytest.approx(0.02148, abs=1e-5)  # 2 * (1 + 10) / 2^10
+    assert east.mcnemar_p(9, 1) == east.mcnemar_p(1, 9)
+    assert east.mcnemar_p(4, 4) == 1.0 and east.mcnemar_p(0, 0) == 1.0
+    assert east.mcnemar_p(0, 6) == pytest.approx(2 / 64)
+
+
+def test_paired_difference_and_bootstrap_interval():
+    same = {f"q{i}": [i % 3 == 0] for i in range(30)}
+    equal = east.paired_difference(same, same)
+    assert (equal["difference"], equal["ci95"], equal["p"]) == (0.0, [0.0, 0.0], 1.0)
+    # 100 questions: 12 gained, 3 lost, the rest alike -> +9 points, McNemar on (3, 12)
+    first = {f"q{i}": [3 <= i < 40] for i in range(100)}
+    second = {f"q{i}": [3 <= i < 52] for i in range(100)}
+    for i in range(3):
+        first[f"q{i}"], second[f"q{i}"] = [True], [False]
+    c = east.paired_difference(first, second)
+    assert (c["gained"], c["lost"], c["questions"]) == (12, 3, 100)
+    assert c["difference"] == pytest.approx(9.0) and c["p"] == pytest.approx(east.mcnemar_p(3, 12))
+    low, high = c["ci95"]
+    assert low < 9.0 < high and 0 < low and high < 20  # holds the observed difference; excludes 0 here
+    assert east.paired_difference(first, second) == c  # a fixed seed: the same interval every time
+    assert east.verdict({"first": "alpha0", "second": "alpha1", **c}).startswith(
+        f"alpha1 vs alpha0: +9.0 points, 95% CI [{low:+.1f}, {high:+.1f}], p = ")
+
+
+def test_wilson_interval_hand_values():
+    low, high = east.wilson_interval(4, 100)
+    assert (low, high) == (pytest.approx(0.01566, abs=1e-4), pytest.approx(0.09837, abs=1e-4))
+    assert east.wilson_interval(0, 10)[0] == 0.0 and east.wilson_interval(10, 10)[1] == 1.0
