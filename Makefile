@@ -1,4 +1,5 @@
-# make run   the EAST loop on the bundled offline model and generated arithmetic (CPU, minutes)
+# make run   backbone, vanilla (a=0) and EAST (a=1) on the bundled offline model and generated arithmetic,
+#            compared question by question (CPU, minutes)
 # make test  the offline test suite
 # make bench speed of sampling, evaluation and training on the bundled model (not a test)
 PYTHON ?= python3
@@ -17,9 +18,9 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 run: install
-	$(PY) east.py --model smollm2-135m --dataset arith --train-size 40 --eval-size 40 \
-		--num-samples 4 --max-new-tokens 80 --temperature 0.7 \
-		--epochs 2 --batch-size 8 --micro-batch-size 4 --lr 2e-5 --output-dir $(RUN_DIR)
+	$(PY) east.py --model smollm2-135m --dataset arith --train-size 160 --eval-size 100 \
+		--num-samples 4 --max-new-tokens 80 --temperature 0.7 --alpha 0 1 \
+		--epochs 3 --batch-size 8 --micro-batch-size 4 --lr 1e-4 --output-dir $(RUN_DIR)
 
 test: install
 	$(PY) -m pytest -q test_east.py
