@@ -307,9 +307,8 @@ def run(args):
     print(f"backbone accuracy: {100 * backbone['accuracy']:.1f}% ({backbone['correct']}/{backbone['total']})")
 
     # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
-    # with the trained model and train again (iterative self-training).
-    report = {"config": vars(args), "backbone": backbone, "rounds": [], "phases": {}}
-    # --repeats trains each alpha again from the same samples with another seed (shuffling, chosen path).
+    # with the trained model and train again (iterative self-training); --repeats trains each alpha
+    # again from the same samples with another seed (the shuffling, the chosen path).
     report = {"config": vars(args), "backbone": backbone, "rounds": [], "phases": {}}
     try:
         runs = [(alpha, repeat) for alpha in args.alpha for repeat in range(1, args.repeats + 1)]
