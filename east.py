@@ -803,7 +803,8 @@ def last_boxed(text):
 
 
 # "The final answer is $\frac{1}{2}$." -> the math span; "the answer is 12 apples." -> to the sentence's end
-FINAL_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*"
+ANSWER_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)", re.IGNORECASE)
+FINAL_ANSWER = re.compile(ANSWER_PHRASE.pattern + r"\s*:?\s*"
                           r"(\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]|.+?)\s*(?:\.(?:\s|$)|\n|$)",
                           re.IGNORECASE)
 NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -815,8 +816,7 @@ def extract_answer(text, dataset="gsm8k", ended=True):
     of these is reduced to its last number ("3 + 7 = 10" -> "10") or skipped if it has none.
     A response cut off at the length limit (ended=False) keeps only an answer it states: its last
     number is wherever the cut fell ("... 9 + 8 = Sam" -> "8")."""
-    stated = FINAL_ANSWER.findall(text)
-    candidates = [last_boxed(text), stated[-1].strip("$ ") if stated else None]
+    candidates = [last_boxed(text), stated_answer(text)]
     if dataset != "gsm8k":
         return next((c for c in candidates if c), None)
     marked = re.search(r"####\s*([^\n]+)", text)
@@ -828,6 +828,19 @@ def extract_answer(text, dataset="gsm8k", ended=True):
         if numbers:
             return numbers[-1].rstrip(",")
     return None
+
+
+def stated_answer(text):
+    """What follows the last answer phrase: "Final Answer: The final answer is $5$." -> "5" (the Minerva
+    format repeats the phrase); a box there is opened, and an empty one is no answer."""
+    phrases = list(ANSWER_PHRASE.finditer(text))
+    m = phrases and FINAL_ANSWER.match(text, phrases[-1].start())
+    if not m:
+        return None
+    answer = m.group(1).strip("$ ")
+    if "\\boxed" in answer or "\\fbox" in answer:
+        return last_boxed(answer)
+    return answer or None
 
 
 LATEX_NOISE = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\displaystyle", ""),
@@ -857,6 +870,7 @@ def normalise_answer(answer):
 
 
 GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+MAX_DIGITS = 1000  # a longer digit string is compared as text (Python refuses int() beyond 4300 digits)
 PLAIN_NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)(e[-+]?\d{1,3})?", re.IGNORECASE)  # no backtracking
 
 
@@ -864,6 +878,8 @@ def parse_number(s):
     """An exact Fraction for integers, decimals, a/b, \\frac{a}{b}, mixed numbers 12\\frac{3}{5},
     a\\times10^{k} and 1.5e3 (commas only as thousands separators: 1,000 but not 1,5); else None."""
     s = s.replace(" ", "")
+    if sum(char.isdigit() for char in s) > MAX_DIGITS:
+        return None
     if GROUPED_NUMBER.fullmatch(s):
         s = s.replace(",", "")
     sign = -1 if s.startswith("-") else 1
@@ -1087,11 +1103,22 @@ def expression_key(s):
     return ("expression", tuple(names), tuple(values))
 
 
+MAX_NESTING = 20  # brackets deeper than this are no structured answer; their text is compared instead
+
+
+def bracket_depth(s):
+    depth = deepest = 0
+    for char in s:
+        depth += (char in "([{") - (char in ")]}")
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def canonical_key(s):
     """Canonical key of a normalised answer: nested tuples, equal exactly when the answers are."""
     if not s:
         return None
-    if len(s) > 1000:  # too long to be a structured answer: compare as text, and never recurse deeply
+    if len(s) > 1000 or bracket_depth(s) > MAX_NESTING:  # compare as text, and never recurse deeply
         return ("text", s.replace(" ", ""))
     choice = re.fullmatch(r"\(?([A-E])\)", s) or re.fullmatch(r"([A-E])", s)
     if choice:
