@@ -756,6 +756,12 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     ("She pays $1,200 in total", "gsm8k", "1,200"),
     ("I have no idea", "gsm8k", None),
     ("It is 12", "math", None),  # LaTeX answers get no last-number guess
+    ("Final Answer: The final answer is $5$. I hope it is correct.", "math", "5"),  # the phrase twice
+    ("Final Answer: The final answer is $5$. I hope it is correct.", "gsm8k", "5"),
+    ("the answer is 12 apples. So the answer is 13.", "math", "13"),  # the last phrase is read
+    ("The answer is \\boxed{}.", "math", None),  # an empty box reached through the phrase is no answer
+    ("The answer is \\boxed{}.", "gsm8k", None),
+    ("The final answer is \\boxed{9}, done", "math", "9"),
 ])
 def test_extract_answer(text, dataset, expected):
     assert east.extract_answer(text, dataset) == expected
@@ -869,6 +875,28 @@ EQUIVALENCE_CASES = [
 def test_equivalence_cases(pred, gold, equal, rule):
     assert east.is_equiv(pred, gold) is equal
     assert east.is_equiv(gold, pred) is equal  # symmetric
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is " + "9" * 4301 + ".",  # beyond Python's int() digit limit
+    "\\boxed{" + "9" * 100_000 + "}",
+    "so " + "1" * 100_000,
+    "\\boxed{\\frac{" + "9" * 5000 + "}{3}}",
+    "\\boxed{" + "(1," * 249 + "2" + ")" * 249 + "}",  # 997 characters, 249 deep
+    "\\boxed{" + "[" * 1000 + "1" + "]" * 1000 + "}",
+    "\\boxed{" + "\\{" * 300 + "1" + "\\}" * 300 + "}",
+    "The answer is \x00\x00 5\x00.",
+    "\\boxed{\x00}",
+])
+def test_grader_is_total_and_fast_on_pathological_answers(text):
+    import time
+    start = time.perf_counter()
+    for style in ("gsm8k", "math"):
+        answer = east.extract_answer(text, style)
+        east.canonical_answer.cache_clear()
+        assert east.is_equiv(answer, answer) == (answer is not None and east.canonical_answer(answer) is not None)
+        east.cluster_answers([answer, answer, "5"])
+    assert time.perf_counter() - start < 1.0  # a bound on pathological input, not a speed benchmark
 
 
 def test_equivalence_is_reflexive_and_transitive_through_the_key():
