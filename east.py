@@ -101,6 +101,9 @@ def answer_entropy(answers):
 # With a < 0, H = 0 would give 0^a = inf. Flooring H at 0.1 bits (below the smallest non-zero
 # entropy of up to 64 samples, 0.116 bits) keeps confident questions ranked first but finite.
 ENTROPY_FLOOR = 0.1
+# Beyond this the weights are already a one-hot on the most (or least) uncertain question; --alpha is
+# refused there, so every weight is finite.
+MAX_ALPHA = 1000.0
 
 
 def entropy_weights(entropies, alpha, mapping="power"):
@@ -121,6 +124,8 @@ def entropy_weights(entropies, alpha, mapping="power"):
         raise ValueError(f"unknown mapping {mapping!r}")
     # Overflow guard: f itself can exceed a float (3^400), so every f(H_i) is divided by the largest
     # first, in log space; the ratio f(H_i) / mean_j f(H_j) is unchanged.
+    if any(math.isnan(x) or x == math.inf for x in log_f):  # alpha * H beyond a float: refused, not clamped
+        raise ValueError(f"alpha {alpha:g} overflows the weights even in log space; use |alpha| <= {MAX_ALPHA:g}")
     top = max(log_f)
     if top == -math.inf:
         print("warning: f(H) is 0 for every question (all answers agree); using uniform weights",
@@ -1422,6 +1427,11 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e3" for a flag; any negative number, exponent included, is a value here
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"east.py: error: {message} (see --help)\n")
 
@@ -1455,7 +1465,8 @@ def build_parser():
                         "installed (one process, a CUDA GPU); training always uses transformers")
     g = p.add_argument_group("weighting (step 5)")
     g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
-                   help="exponent a of the mapping f; 0 = vanilla; several values sweep a on one sample set")
+                   help="exponent a of the mapping f; 0 = vanilla; several values sweep a on one sample set; "
+                        "negative ones too (--alpha -1 -0.5, or --alpha=-1e3)")
     g.add_argument("--mapping", choices=["power", "exp"], default="power",
                    help="f(u) = u^a (power) or exp(a*u) (exp)")
     g.add_argument("--weighting", choices=["entropy", "accuracy", "rejected"], default="entropy",
@@ -1502,8 +1513,9 @@ def build_parser():
 
 def check_args(args):
     for alpha in args.alpha:
-        if not math.isfinite(alpha):
-            raise UsageError(f"--alpha must be a finite number, got {alpha}")
+        if not abs(alpha) <= MAX_ALPHA:
+            raise UsageError(f"--alpha must be a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g} (beyond, the weights "
+                             f"are a one-hot already), got {alpha}")
     for flag in ("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"):
         value = getattr(args, flag)
         if not (value > 0 and math.isfinite(value)):
@@ -1521,6 +1533,8 @@ def check_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.samples and Path(args.samples).is_dir():
+        raise UsageError(f"--samples {args.samples} is a folder; give the samples.jsonl file inside it")
     if args.samples and not Path(args.samples).is_file():
         raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
     if not 0 <= args.warmup_ratio < 1:
@@ -1633,6 +1647,12 @@ def normalise_row(row, where):
     """One JSONL row in GSM8K form {question, answer: '... #### N'} or MATH form {problem, answer}."""
     if not isinstance(row, dict):
         raise UsageError(f"{where}: expected a JSON object")
+    if isinstance(row.get("answer"), (int, float)) and not isinstance(row["answer"], bool):
+        row = {**row, "answer": str(row["answer"])}  # {"question": ..., "answer": 42}
+    for key in ("question", "problem", "answer", "solution"):
+        if key in row and not isinstance(row[key], str):
+            raise UsageError(f"{where}: {key!r} is {json.dumps(row[key])[:40]}, not text; give it as a "
+                             f"string (or drop the row)")
     if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
         gold = gsm8k_gold(row["answer"]) if "####" in row["answer"] else row["answer"].strip()
         return {"question": row["question"], "gold": gold, "style": "gsm8k"}
@@ -1702,6 +1722,9 @@ def load_questions(args):
         rows = read_jsonl_rows(args.dataset)
         if args.eval_file:
             splits = {"train": rows, "test": read_jsonl_rows(args.eval_file)}
+        elif len(rows) == 1:
+            raise UsageError(f"{args.dataset} has one row; the last fifth is held out for testing, so give "
+                             f"at least 2 rows, or a test file with --eval-file")
         else:  # hold out the last fifth, in file order
             cut = len(rows) - max(1, len(rows) // 5)
             splits = {"train": rows[:cut], "test": rows[cut:]}

@@ -153,6 +153,19 @@ def test_weights_degenerate_cases():
     assert east.entropy_weights([0.0, 0.0], 1.0) == [1.0, 1.0]  # every f(H) = 0: uniform
     w = east.entropy_weights([0.5, 3.0], 400.0)  # 3^400 overflows a float; log space does not
     assert w == pytest.approx([0.0, 2.0]) and sum(w) == pytest.approx(2.0)
+    for alpha in (east.MAX_ALPHA, -east.MAX_ALPHA):  # the largest allowed: finite, mean 1
+        for mapping in ("power", "exp"):
+            w = east.entropy_weights([0.0, 1.0, 2.0, 6.0], alpha, mapping)
+            assert all(map(math.isfinite, w)) and sum(w) == pytest.approx(4.0)
+    for alpha, mapping in ((1e308, "exp"), (-1e308, "power")):  # alpha * log f overflows: refused, never NaN
+        with pytest.raises(ValueError, match="overflows"):
+            east.entropy_weights([0.0, 1.0, 2.0], alpha, mapping)
+
+
+def test_negative_alphas_parse_with_a_space():
+    args = east.build_parser().parse_args(["--alpha", "-1e3", "-0.5", "-2", "1", "--seed", "3"])
+    assert args.alpha == [-1000.0, -0.5, -2.0, 1.0] and args.seed == 3
+    assert "--alpha=-1e3" in east.build_parser().format_help()
 
 
 def test_scores_and_ablation_weights_on_hand_made_samples():
@@ -1200,8 +1213,10 @@ def write(path, text):
     (["--dataset", "nosuchset"], "unknown --dataset"),
     (["--dataset", "gsm8k", "--data-dir", "/no/such/folder"], "does not exist"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
-    (["--alpha", "nan"], "--alpha must be a finite number"),
-    (["--alpha", "inf"], "--alpha must be a finite number"),
+    (["--alpha", "nan"], "--alpha must be a number from -1000 to 1000"),
+    (["--alpha", "inf"], "--alpha must be a number from -1000 to 1000"),
+    (["--alpha", "-1e308"], "--alpha must be a number from -1000 to 1000"),
+    (["--samples", "."], "--samples . is a folder; give the samples.jsonl file inside it"),
     (["--train-size", "0"], "--train-size must be at least 1"),
     (["--eval-size", "-3"], "--eval-size must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -1212,7 +1227,7 @@ def write(path, text):
     (["--dataset", "gsm8k"], "--data-dir"),  # no hub here: the message points at local files
     (["--eval-file", "x.jsonl"], "--eval-file applies only when --dataset is a JSONL path"),
     (["--loss", "dpo", "--beta", "0"], "--beta must be a positive number"),
-    (["--alpha", "1", "nan"], "--alpha must be a finite number"),
+    (["--alpha", "1", "nan"], "--alpha must be a number from -1000 to 1000"),
     (["--iterations", "0"], "--iterations must be at least 1"),
     (["--gen-batch-size", "0"], "--gen-batch-size must be auto or at least 1"),
     (["--gen-batch-size", "many"], "--gen-batch-size must be auto or at least 1"),
@@ -1242,10 +1257,21 @@ def test_bad_data_files(tmp_path, capsys):
         "is empty": write(tmp_path / "d.jsonl", "\n"),
         "cannot read data file": tmp_path,  # a folder, not a file
         "line 1 is not valid JSON": write(tmp_path / "e.jsonl", '{"question": "\u00e9 cut'),
+        "has one row; the last fifth is held out": write(tmp_path / "f.jsonl", '{"question": "q", "answer": "1"}\n'),
+        "line 2: 'answer' is null, not text": write(tmp_path / "g.jsonl", '{"question": "q", "answer": 1}\n'
+                                                                          '{"question": "r", "answer": null}\n'),
+        "line 1: 'question' is 5, not text": write(tmp_path / "h.jsonl", '{"question": 5, "answer": "1"}\n'),
     }
     for fragment, path in cases.items():
         argv = ["--dataset", str(path), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
         assert fragment in run_main_expecting_error(argv, capsys), fragment
+
+
+def test_a_numeric_gold_answer_is_read_as_text(tmp_path):
+    path = write(tmp_path / "n.jsonl", "".join(json.dumps({"question": f"q{i}", "answer": i}) + "\n" for i in range(5)))
+    args = east.build_parser().parse_args(["--dataset", str(path)])
+    train, test = east.load_questions(args)
+    assert [q["gold"] for q in train + test] == ["0", "1", "2", "3", "4"]
 
 
 def test_unwritable_output_dir(tmp_path, capsys):
