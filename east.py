@@ -125,7 +125,8 @@ def entropy_weights(entropies, alpha, mapping="power"):
     # Overflow guard: f itself can exceed a float (3^400), so every f(H_i) is divided by the largest
     # first, in log space; the ratio f(H_i) / mean_j f(H_j) is unchanged.
     if any(math.isnan(x) or x == math.inf for x in log_f):  # alpha * H beyond a float: refused, not clamped
-        raise ValueError(f"alpha {alpha:g} overflows the weights even in log space; use |alpha| <= {MAX_ALPHA:g}")
+        raise ValueError(f"alpha {alpha:g} overflows the weights even in log space; "
+                         f"use |alpha| <= {MAX_ALPHA:g}")
     top = max(log_f)
     if top == -math.inf:
         print("warning: f(H) is 0 for every question (all answers agree); using uniform weights",
@@ -400,8 +401,9 @@ def end_token_ids(model, tokenizer):
 NUCLEUS_CANDIDATES = 256
 
 
-def next_tokens(logits, args, greedy):
-    """One token per row: the most likely, or a sample at --temperature from the --top-p nucleus."""
+def next_tokens(logits, args, greedy, uniform=None):
+    """One token per row: the most likely, or a sample at --temperature from the --top-p nucleus, drawn
+    with one uniform number in [0, 1) per row (fresh ones when none are given)."""
     if greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / args.temperature, dim=-1)
@@ -417,23 +419,39 @@ def next_tokens(logits, args, greedy):
     # The first token whose cumulative mass exceeds u (side="right"), so a zero-probability token is never
     # drawn, not even for u = 0.
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(len(cdf), device=cdf.device)
+    u = uniform[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
+def question_seed(args, path, question):
+    """A question's own sampling seed, from the run's seed, the file and the question id alone: its
+    samples do not depend on the batch it falls in, so a resumed run samples what an uninterrupted
+    one does."""
+    return zlib.crc32(f"{args.seed}:{path.name}:{question['id']}".encode())
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, prompts, num_return, args, greedy=False):
+def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
     """Returns ([[response] * num_return per prompt], [[ended] * num_return per prompt], Counter of prompt
-    and generated tokens); ended is False for a response cut off at --max-new-tokens.
+    and generated tokens); ended is False for a response cut off at --max-new-tokens. A sample's random
+    numbers come from its prompt's seed (seeds, else drawn from torch's generator).
 
     A plain decoding loop with a KV cache: each prompt is encoded once and its cache copied for its
     num_return samples; a sequence leaves the batch as soon as it emits an end token, so finished
     samples cost nothing while long ones go on. Sampling uses exactly --temperature and --top-p.
     """
+    if seeds is None:
+        seeds = torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
     if args.engine == "vllm":
-        return generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy)
+        return generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds)
     from transformers import DynamicCache
     device = next(model.parameters()).device
+    if not greedy:  # every uniform number each sample will use, one row per sample
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        uniforms = torch.cat([torch.rand(num_return, args.max_new_tokens, generator=g) for g in generators])
+        uniforms = uniforms.to(device)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(device)  # the chat template already has its specials
     mask = batch["attention_mask"]
@@ -451,7 +469,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False):
     rows = torch.arange(len(logits), device=device)  # which sequences are still generating
     outputs = [[] for _ in range(len(logits))]
     for step in range(args.max_new_tokens):
-        chosen = next_tokens(logits, args, greedy)
+        chosen = next_tokens(logits, args, greedy, None if greedy else uniforms[rows, step])
         finished = torch.isin(chosen, ends)
         for row, token in zip(rows.tolist(), chosen.tolist()):
             outputs[row].append(token)
@@ -489,10 +507,9 @@ def sample_responses(model, tokenizer, questions, args, path):
               disable=not is_main()) as bar:
         for start in starts:
             batch = todo[start:start + args.gen_batch_size]
-            # Seeded per file and batch: reproducible, yet each iteration's samples draw fresh randomness.
-            torch.manual_seed(zlib.crc32(f"{args.seed}:{path.name}:{start}".encode()))
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            responses, ended, used = generate(model, tokenizer, prompts, args.num_samples, args)
+            responses, ended, used = generate(model, tokenizer, prompts, args.num_samples, args,
+                                              seeds=[question_seed(args, path, q) for q in batch])
             records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
                         "responses": r, "ended": e} for q, r, e in zip(batch, responses, ended)]
             append_records(own_file(path), records)
@@ -723,8 +740,8 @@ def evaluate(model, tokenizer, questions, args, path, label):
             tokens += used
             sampled = sampled_ended = [None] * len(batch)
             if args.eval_samples:
-                torch.manual_seed(args.seed * 1_000_003 + start)
-                sampled, sampled_ended, used = generate(model, tokenizer, prompts, args.eval_samples, args)
+                sampled, sampled_ended, used = generate(model, tokenizer, prompts, args.eval_samples, args,
+                                                        seeds=[question_seed(args, path, q) for q in batch])
                 tokens += used
             new_rows = []
             for q, (response,), (ended,), samples, samples_ended in zip(batch, greedy, greedy_ended, sampled,
@@ -1399,15 +1416,15 @@ def stop_vllm():
     vllm_running.pop("model").to(vllm_running.pop("device"))
 
 
-def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy=False):
+def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds):
     """generate() through vLLM: the same prompts (as token ids), end tokens, length limit, temperature and
-    top-p; its own random numbers, drawn from a seed that follows torch's, so a rerun samples the same."""
+    top-p; its own random numbers, from each prompt's seed, so a rerun samples the same."""
     from vllm import SamplingParams
     engine = start_vllm(model, tokenizer, args)
-    params = SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature,
-                            top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
-                            stop_token_ids=sorted(end_token_ids(model, tokenizer)),
-                            seed=int(torch.randint(2 ** 31 - 1, ())))
+    params = [SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature,
+                             top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
+                             stop_token_ids=sorted(end_token_ids(model, tokenizer)), seed=seed)
+              for seed in seeds]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     results = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     counts = Counter(prompt=sum(map(len, prompt_ids)),
@@ -1514,8 +1531,8 @@ def build_parser():
 def check_args(args):
     for alpha in args.alpha:
         if not abs(alpha) <= MAX_ALPHA:
-            raise UsageError(f"--alpha must be a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g} (beyond, the weights "
-                             f"are a one-hot already), got {alpha}")
+            raise UsageError(f"--alpha must be a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g} (beyond, the "
+                             f"weights are a one-hot already), got {alpha}")
     for flag in ("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"):
         value = getattr(args, flag)
         if not (value > 0 and math.isfinite(value)):

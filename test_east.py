@@ -730,7 +730,7 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     samples = {"a": ["\\boxed{2}", "\\boxed{1}", "\\boxed{1}"],  # the first sample is right, the majority not
                "bb": ["\\boxed{1}", "\\boxed{2}", "no idea"],  # a tie of 1 and 2: the first seen, 1, wins
                "ccc": ["no idea", "\\boxed{2}", "no idea"]}  # unanswered samples cannot outvote an answer
-    def canned_generate(model, tokenizer, prompts, num_return, args, greedy=False):
+    def canned_generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
         questions = [prompt.split("\n")[0][len("U:"):] for prompt in prompts]
         if greedy:
             return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], [[True]] * len(prompts), Counter()
@@ -1072,14 +1072,15 @@ def stand_in_vllm(engines):
             self.calls, self.running = [], True
             engines.append(self)
 
-        def generate(self, prompts, params, use_tqdm):
-            self.calls.append((prompts, params))
+        def generate(self, prompts, all_params, use_tqdm):
+            assert len(all_params) == len(prompts)  # one SamplingParams per prompt: each its own seed
+            self.calls.append((prompts, all_params))
+            params = all_params[0]
             args = argparse.Namespace(engine="transformers", max_new_tokens=params.max_tokens,
                                       temperature=params.temperature or 1.0, top_p=params.top_p)
-            torch.manual_seed(params.seed)
             texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
             responses, ended, _ = east.generate(self.model, self.tokenizer, texts, params.n, args,
-                                                greedy=params.temperature == 0)
+                                                greedy=params.temperature == 0, seeds=[p.seed for p in all_params])
             return [types.SimpleNamespace(outputs=[
                 types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"],
                                       finish_reason="stop" if stopped else "length")
@@ -1121,7 +1122,7 @@ def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 8 and all(len(s["responses"]) == 4 for s in samples)
-    (prompts, params), (_, eval_params) = backbone_engine.calls[0], backbone_engine.calls[-1]
+    (prompts, (params, *_)), (_, (eval_params, *_)) = backbone_engine.calls[0], backbone_engine.calls[-1]
     assert [p["prompt_token_ids"] for p in prompts] == tokenizer(
         [east.render_prompt(tokenizer, s["question"]) for s in samples[:3]], add_special_tokens=False)["input_ids"]
     assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.95, 12)
@@ -1339,6 +1340,12 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sev
     records = [json.loads(line) for line in lines]
     assert sorted(r["id"] for r in records) == [f"train-{i}" for i in range(8)]  # none twice, none missing
     assert all(len(r["responses"]) == 4 for r in records)
+    # Each question's samples depend on the seed and its id alone: the resumed run, whose batches were cut
+    # differently, sampled exactly what an uninterrupted run samples.
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "whole")) == 0
+    whole = {r["id"]: r["responses"] for r in read_jsonl(tmp_path / "whole" / "samples.jsonl")}
+    assert {r["id"]: r["responses"] for r in records} == whole
+    assert len({tuple(responses) for responses in whole.values()}) > 1
 
 
 @pytest.mark.slow
