@@ -64,6 +64,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+try:
+    import fcntl  # the run folder's lock
+except ImportError:  # Windows
+    fcntl = None
+
 
 # =============================================================================
 # The method (steps 2-6). Pure functions of plain values: no model, no torch until the losses.
@@ -244,31 +249,38 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
 def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, out, timed):
     """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate.
     Returns what the round produced: (the trained model, the scored questions, the training examples,
-    the evaluation)."""
+    the evaluation), or None when no question can be trained on."""
     scored = score_questions(records, alpha, args)  # steps 2-5
-    with open(out / f"weights_{tag}.jsonl" if is_main() else os.devnull, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored)
+    if is_main():
+        write_atomically(out / f"weights_{tag}.jsonl",
+                         "".join(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored))
     kept = [s for s in scored if s["kept"]]
     print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
     if not kept:
-        raise UsageError(f"no training question has a correct sample (all {len(scored)} dropped; samples are "
-                         f"in {out}); use a larger --num-samples, easier data or a stronger --model")
+        print(f"[{tag}] warning: no training question has a correct sample (all {len(scored)} dropped; samples "
+              f"are in {out}), so there is nothing to train; use a larger --num-samples, easier data or a "
+              f"stronger --model")
+        return None
     weights = [s["weight"] for s in kept]
     print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}): min {min(weights):.2f} "
           f"max {max(weights):.2f}")
     examples = build_examples(tokenizer, scored, args.loss)
     if not examples:
-        raise UsageError(f"--loss {args.loss} needs questions with both a correct and a wrong sample, and "
-                         f"none has; use --loss sft or a larger --num-samples")
+        print(f"[{tag}] warning: --loss {args.loss} needs questions with both a correct and a wrong sample, "
+              f"and none has, so there is nothing to train; use --loss sft or a larger --num-samples")
+        return None
+    predictions = out / f"predictions_{tag}.jsonl"
     with timed(f"train {tag}") as phase:  # step 6
-        model, phase.tokens = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl")
+        model, phase.tokens = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl",
+                                    checkpoint_path(out, tag))
+    if phase.tokens["trained"]:  # new weights: predictions of earlier ones are void
+        remove_with_process_files(predictions)
     if args.save_model and is_main():
         model.save_pretrained(out / f"model_{tag}")
         tokenizer.save_pretrained(out / f"model_{tag}")
         print(f"saved the trained model to {out / f'model_{tag}'}")
     with timed(f"eval {tag}") as phase:  # step 7
-        evaluation, phase.tokens = evaluate(model, tokenizer, test_questions, args,
-                                            out / f"predictions_{tag}.jsonl", tag)
+        evaluation, phase.tokens = evaluate(model, tokenizer, test_questions, args, predictions, tag)
     print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% "
           f"({evaluation['correct']}/{evaluation['total']})")
     return model, scored, examples, evaluation
@@ -276,14 +288,20 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
 
 def run(args):
     """The whole loop: sample once, evaluate the backbone, then a self-training round per alpha (and
-    per iteration), each from the backbone; writes results.json, prints the summary, draws the charts."""
+    per iteration), each from the backbone; writes results.json, prints the summary, draws the charts.
+    Every finished step is kept in the run folder, and a rerun of the same command skips it."""
     check_args(args)
     device = join_process_group(resolve_device(args.device))
-    out = prepare_output_dir(args)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    out = prepare_output_dir(args)  # locked for this run
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_questions, test_questions = load_questions(args)
+    samples_path = out / "samples.jsonl"
+    if args.samples:  # checked whole before anything is written to the folder
+        use_samples_file(Path(args.samples), samples_path, train_questions, args.num_samples)
+    if is_main():
+        write_atomically(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions "
           f"from {args.dataset}")
     timed = PhaseTimer(device)  # measures the matmul rate, once the input is known to be good
@@ -293,16 +311,11 @@ def run(args):
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
           f"{device}, computing in {str(compute_dtype(device)).removeprefix('torch.')}; "
           f"matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
+    train_questions, too_long = fitting_questions(model, tokenizer, train_questions, test_questions, args)
     args.gen_batch_size = min(gather([questions_per_call(model, args, device)]))  # the same in every process
     print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
 
     # Step 1: sample n paths per training question (or start from an earlier run's samples).
-    samples_path = out / "samples.jsonl"
-    if args.samples and not samples_path.exists():
-        try:
-            shutil.copyfile(args.samples, samples_path)
-        except OSError as e:
-            raise UsageError(f"cannot read --samples {args.samples}: {e.strerror}") from None
     with timed("sample") as phase:
         records, phase.tokens = sample_responses(model, tokenizer, train_questions, args, samples_path)
 
@@ -314,34 +327,54 @@ def run(args):
 
     # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
     # with the trained model and train again (iterative self-training); --repeats trains each alpha
-    # again from the same samples with another seed (the shuffling, the chosen path).
-    report = {"config": vars(args), "backbone": backbone, "rounds": [], "phases": {}}
+    # again from the same samples with another seed (the shuffling, the chosen path). Rounds finished
+    # by an earlier run in this folder are kept and skipped.
+    earlier = read_json(out / "results.json") or {}
+    report = {"config": vars(args), "backbone": backbone, "rounds": earlier.get("rounds", []), "phases": {},
+              "skipped_long_prompts": too_long, **{k: earlier[k] for k in ("entropies",) if k in earlier}}
+    finished = {r["tag"]: r for r in report["rounds"]}
+    holds = None  # whose weights `model` holds: None for the backbone's, else a round's tag
     try:
-        runs = [(alpha, repeat) for alpha in args.alpha for repeat in range(1, args.repeats + 1)]
-        for number, (alpha, repeat) in enumerate(runs):
-            if number > 0:
-                stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
-                model, tokenizer = load_model(args.model, device)
+        for alpha, repeat in [(alpha, repeat) for alpha in args.alpha for repeat in range(1, args.repeats + 1)]:
             round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
-            round_records = records
-            for iteration in range(1, args.iterations + 1):
-                name = f"alpha{alpha:g}" + (f"_iter{iteration}" if args.iterations > 1 else "")
-                tag = name + (f"_r{repeat}" if args.repeats > 1 else "")
+            names = [f"alpha{alpha:g}" + (f"_iter{i}" if args.iterations > 1 else "")
+                     for i in range(1, args.iterations + 1)]
+            tags = [name + (f"_r{repeat}" if args.repeats > 1 else "") for name in names]
+            start, round_records = None, records  # each chain of iterations starts from the backbone
+            for iteration, (name, tag) in enumerate(zip(names, tags), 1):
+                needed_next = iteration < len(tags) and tags[iteration] not in finished
+                if tag in finished and (not needed_next or checkpoint_path(out, tag).exists()):
+                    print(f"[{tag}] finished in an earlier run ({100 * finished[tag]['evaluation']['accuracy']:.1f}%"
+                          f" in results.json); skipped")
+                    start = tag
+                    continue
+                if holds != start:  # a fresh copy of the starting weights
+                    stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
+                    model, tokenizer = load_model(args.model, device)
+                    if start is not None:
+                        model.load_state_dict(torch.load(checkpoint_path(out, start), mmap=True,
+                                                         weights_only=True)["model"])
+                    holds = start
                 if iteration > 1:
                     with timed(f"sample {tag}") as phase:
                         round_records, phase.tokens = sample_responses(
                             model, tokenizer, train_questions, round_args, out / f"samples_{tag}.jsonl")
-                model, scored, examples, evaluation = self_training_round(
-                    model, tokenizer, round_records, alpha, tag, test_questions, round_args, out, timed)
-                report["rounds"].append(round_report(tag, name, alpha, scored, examples, evaluation, args))
+                result = self_training_round(model, tokenizer, round_records, alpha, tag, test_questions,
+                                             round_args, out, timed)
+                if result is None:
+                    break
+                model, scored, examples, evaluation = result
+                holds = start = tag
+                finished[tag] = round_report(tag, name, alpha, scored, examples, evaluation, args)
+                report["rounds"] = [r for r in report["rounds"] if r["tag"] != tag] + [finished[tag]]
                 report.setdefault("entropies", [s["entropy"] for s in scored])  # the first round's: a chart
-    finally:  # also when a round cannot train or is interrupted: the backbone and finished rounds are kept
+                save_results(out, report, timed)
+            if all(tag in finished for tag in tags) and is_main():  # the chain's weights are needed no more
+                for tag in tags:
+                    checkpoint_path(out, tag).unlink(missing_ok=True)
+    finally:  # also when interrupted: the backbone and every finished round are kept
         stop_vllm()
-        report["phases"] = timed.figures()
-        if is_main():
-            report["repeats"] = repeat_statistics(report["rounds"])
-            report["comparisons"] = paired_comparisons(out, report["rounds"])
-            (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        save_results(out, report, timed)
     if is_main():
         print_summary(report)
         draw_charts(report, out)
@@ -349,6 +382,15 @@ def run(args):
     print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl "
           f"results.json")
     return report
+
+
+def save_results(out, report, timed):
+    """results.json, rewritten whole (never half-written) after each step: every finished round so far."""
+    report["phases"] = timed.figures()
+    if is_main():
+        report["repeats"] = repeat_statistics(report["rounds"])
+        report["comparisons"] = paired_comparisons(out, report["rounds"])
+        write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
 
 
 # =============================================================================
@@ -499,7 +541,7 @@ def sample_responses(model, tokenizer, questions, args, path):
     done = read_records(path, questions, args.num_samples)
     todo = [q for q in questions if q["id"] not in done]
     print(f"sampling: n={args.num_samples} per question, {len(questions) - len(todo)} of {len(questions)} "
-          f"questions already in {path}, {len(todo)} to go")
+          f"questions already in {path.name}" + ("; skipped" if not todo else f", {len(todo)} to go"))
     todo.sort(key=lambda q: len(q["question"]))  # similar lengths per batch: less padding
     starts = my_share(range(0, len(todo), args.gen_batch_size))
     tokens = Counter()
@@ -661,12 +703,24 @@ def accumulate_gradients(model, examples, args, pad_id, scaler=None):
     return sum_over_processes(model, total_loss, total_tokens)
 
 
-def train(model, tokenizer, examples, args, log_path):
-    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step.
-    Returns (the trained model, Counter of trained tokens): with --fsdp a new, whole model."""
+def train(model, tokenizer, examples, args, log_path, checkpoint=None):
+    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step. A checkpoint
+    (when a path is given) is written every --save-every steps and at each epoch's end, and training
+    resumes from it.
+    Returns (the trained model, Counter of the tokens trained by this call): with --fsdp a new, whole model."""
     from transformers import get_linear_schedule_with_warmup
     stop_vllm()  # with --engine vllm: the GPU is the trained model's now
-    if args.loss != "sft":
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    state = torch.load(checkpoint, weights_only=True) if checkpoint and checkpoint.exists() else None
+    if state is not None and state["total_steps"] != total_steps:
+        raise UsageError(f"{checkpoint} is from a training of {state['total_steps']} steps, not {total_steps}; "
+                         f"delete it to train afresh, or use another --output-dir")
+    if state is not None and state["step"] == total_steps:
+        model.load_state_dict(state["model"])
+        print(f"training: finished in an earlier run ({checkpoint.name}); skipped")
+        return model.eval(), Counter(trained=0)
+    if args.loss != "sft":  # from the starting weights, also when resuming
         add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -674,26 +728,41 @@ def train(model, tokenizer, examples, args, log_path):
         model = shard(model)
     model.train()
     rng = random.Random(args.seed)
-    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # fp16 gradients underflow unless the loss is scaled up first; bf16 and fp32 need no scaling.
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    done = 0
+    if state is not None:
+        load_training_state(model, optimizer, state["model"], state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        done = state["step"]
+        print(f"training: resuming after step {done} of {total_steps} ({checkpoint.name})")
+    del state
     print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
           f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
           + (f", sharded among {world_size()} processes" if args.fsdp else ""))
-    step, tokens_total = 0, 0
-    with open(log_path if is_main() else os.devnull, "w", encoding="utf-8") as log:
+    tokens_total = 0
+    resume_log = done and is_main() and log_path.exists()
+    with open(log_path if is_main() else os.devnull, "r+" if resume_log else "w", encoding="utf-8") as log:
+        keep_log_rows(log, done)  # a resumed log goes on from the checkpoint's step
         for epoch in range(1, args.epochs + 1):
             order = list(range(len(examples)))
-            rng.shuffle(order)
+            rng.shuffle(order)  # also in the epochs already done: the shuffles follow one another
             for first in range(0, len(order), args.batch_size):
+                step = (epoch - 1) * steps_per_epoch + first // args.batch_size + 1
+                if step <= done:
+                    continue
                 batch = [examples[i] for i in order[first:first + args.batch_size]]
                 step_start = time.time()
                 loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id, scaler)
+                if not math.isfinite(loss):
+                    raise UsageError(f"training stopped at step {step}: the loss is {loss}; the last good "
+                                     f"checkpoint is kept in {checkpoint.parent}; try a lower --lr")
                 scaler.unscale_(optimizer)  # the clip applies to the true gradient
                 torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
                 lr = scheduler.get_last_lr()[0]
@@ -701,7 +770,6 @@ def train(model, tokenizer, examples, args, log_path):
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
                 tokens_total += tokens
                 speed = tokens / max(time.time() - step_start, 1e-9)
                 print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
@@ -709,6 +777,8 @@ def train(model, tokenizer, examples, args, log_path):
                 row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+                if checkpoint and (step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0)):
+                    save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, step, total_steps)
     if args.gradient_checkpointing:
         model.activation_checkpointing_disable()
     if args.fsdp:
@@ -718,21 +788,52 @@ def train(model, tokenizer, examples, args, log_path):
     return model, Counter(trained=tokens_total)
 
 
+def checkpoint_path(out, tag):
+    return out / f"checkpoint_{tag}.pt"
+
+
+def save_checkpoint(path, model, optimizer, scheduler, scaler, step, total_steps):
+    """Everything training needs to go on exactly: weights, AdamW and scheduler state, the loss scale and
+    torch's random state. Written to a temporary name and renamed, so a kill mid-write keeps the last one."""
+    model_state, optimizer_state = training_state(model, optimizer)  # every process takes part
+    if is_main():
+        partial = path.with_name(path.name + ".partial")
+        torch.save({"step": step, "total_steps": total_steps, "model": model_state, "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state()}, partial)
+        os.replace(partial, path)
+    wait_for_everyone()  # no process reads it before it is whole
+
+
+def keep_log_rows(log, steps):
+    """Cut an open loss log back to its first `steps` rows: those the checkpoint holds."""
+    if not steps or "r" not in log.mode:
+        return
+    rows = log.read().splitlines(keepends=True)[:steps]
+    log.seek(0)
+    log.write("".join(rows))
+    log.truncate()
+
+
 # -----------------------------------------------------------------------------
 # Evaluation (step 7)
 
 
 def evaluate(model, tokenizer, questions, args, path, label):
-    """Greedy accuracy, plus maj@k and pass@k with --eval-samples k; one line per question in path.
-    Returns (report, Counter of prompt and generated tokens)."""
+    """Greedy accuracy, plus maj@k and pass@k with --eval-samples k; one line per question in path, appended
+    batch by batch (resumable like sampling). Returns (report, Counter of prompt and generated tokens)."""
     model.eval()
-    rows, tokens = [], Counter()
-    own_file(path).unlink(missing_ok=True)  # predictions always belong to the model evaluated now
-    order = sorted(questions, key=lambda q: len(q["question"]))
+    merge_process_files(path, questions)  # any left by an interrupted multi-process run
+    done = read_records(path, questions)
+    order = sorted((q for q in questions if q["id"] not in done), key=lambda q: len(q["question"]))
+    if done:
+        print(f"evaluating {label}: {len(done)} of {len(questions)} questions already in {path.name}"
+              + ("; skipped" if not order else f", {len(order)} to go"))
+    tokens = Counter()
     per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
     starts = my_share(range(0, len(order), per_call))
     with tqdm(total=sum(len(order[s:s + per_call]) for s in starts), desc=f"evaluating {label}", unit="q",
-              disable=not is_main()) as bar:
+              disable=not is_main() or not order) as bar:
         for start in starts:
             batch = order[start:start + per_call]
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
@@ -758,10 +859,11 @@ def evaluate(model, tokenizer, questions, args, path, label):
                                any_correct=any(is_equiv(a, q["gold"]) for a in answers))
                 new_rows.append(row)
             append_records(own_file(path), new_rows)
-            rows += new_rows
             bar.update(len(batch))
-    rows, tokens = gather_predictions(rows, tokens, order, path)
-    return accuracy_report(rows, args.eval_samples), tokens
+    tokens = sum(gather([tokens]), Counter())  # also waits until every process has written its rows
+    merge_process_files(path, questions)
+    rows = read_records(path, questions)
+    return accuracy_report([rows[q["id"]] for q in questions], args.eval_samples), tokens
 
 
 def majority_answer(answers):
@@ -1297,7 +1399,7 @@ def process_files(path):
     return sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}"))
 
 
-def merge_process_files(path, questions, num_samples):
+def merge_process_files(path, questions, num_samples=None):
     """The main process moves the records of every process's own file into path; the others wait."""
     if is_main():
         for part in process_files(path):
@@ -1306,20 +1408,12 @@ def merge_process_files(path, questions, num_samples):
     wait_for_everyone()
 
 
-def gather_predictions(rows, tokens, order, path):
-    """Every process's prediction rows in the order one process writes them, written to path by the main
-    process (the processes' own files removed), and their token counts summed."""
-    if world_size() == 1:
-        return rows, tokens
-    rows, tokens = gather(rows), sum(gather([tokens]), Counter())
-    position = {q["id"]: i for i, q in enumerate(order)}
-    rows.sort(key=lambda row: position[row["id"]])
+def remove_with_process_files(path):
+    """The main process removes path and every process's own file of it; the others wait."""
     if is_main():
-        path.unlink(missing_ok=True)
-        append_records(path, rows)
-        for part in process_files(path):
-            part.unlink()
-    return rows, tokens
+        for part in [path, *process_files(path)]:
+            part.unlink(missing_ok=True)
+    wait_for_everyone()
 
 
 # -----------------------------------------------------------------------------
@@ -1358,6 +1452,24 @@ def unshard(sharded):
         assert name == own_name, (name, own_name)
         whole.copy_(part.full_tensor())
     return model.eval()
+
+
+def training_state(model, optimizer):
+    """Whole (unsharded) state dicts of the model and AdamW, on the CPU, for a checkpoint."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_training_state(model, optimizer, model_state, optimizer_state):
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 # -----------------------------------------------------------------------------
@@ -1520,6 +1632,9 @@ def build_parser():
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto: cuda, mps, cpu")
     g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
+    g.add_argument("--save-every", type=int, default=100,
+                   help="also write a training checkpoint every N optimiser steps (besides each epoch's end); "
+                        "0: only at epoch ends")
     g.add_argument("--save-model", action="store_true",
                    help="write each trained model to OUTPUT_DIR/model_TAG")
     g.add_argument("--bench", action="store_true",
@@ -1537,8 +1652,9 @@ def check_args(args):
         value = getattr(args, flag)
         if not (value > 0 and math.isfinite(value)):
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
-    if args.eval_samples < 0:
-        raise UsageError(f"--eval-samples must be 0 or more, got {args.eval_samples}")
+    for flag in ("eval_samples", "save_every"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.gen_batch_size != "auto":
         if not str(args.gen_batch_size).isdigit() or int(args.gen_batch_size) < 1:
             raise UsageError(f"--gen-batch-size must be auto or at least 1, got {args.gen_batch_size}")
@@ -1760,6 +1876,13 @@ def load_questions(args):
         rows[:] = gradable[:sizes[split]]
         for i, row in enumerate(rows):
             row["id"] = f"{split}-{i}"
+    train_texts = Counter(row["question"] for row in splits["train"])
+    repeated = {"training questions repeated": sum(train_texts.values()) - len(train_texts),
+                "test questions repeated": len(splits["test"]) - len({r["question"] for r in splits["test"]}),
+                "test questions also in training": sum(r["question"] in train_texts for r in splits["test"])}
+    if any(repeated.values()):
+        print("data: warning: " + ", ".join(f"{n} {what}" for what, n in repeated.items() if n)
+              + " (kept as given)")
     return splits["train"], splits["test"]
 
 
@@ -1803,6 +1926,30 @@ def bundled_model_folder():
     return cached
 
 
+def fitting_questions(model, tokenizer, train_questions, test_questions, args):
+    """A prompt must leave --max-new-tokens of the model's context free. Training questions that do not are
+    skipped (returns the rest and their count); a test question that does not is refused."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return train_questions, 0
+    room = context - args.max_new_tokens
+    def too_long(questions):
+        prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        return {q["id"]: n for q, n in zip(questions, lengths) if n > room}
+    long_test = too_long(test_questions)
+    if long_test:
+        first, length = next(iter(long_test.items()))
+        raise UsageError(f"{len(long_test)} test questions do not fit the model's context of {context} tokens "
+                         f"with --max-new-tokens {args.max_new_tokens} (the first, {first}, has a {length}-token "
+                         f"prompt); shorten or remove them, or lower --max-new-tokens")
+    long_train = too_long(train_questions)
+    if long_train:
+        print(f"data: skipped {len(long_train)} training questions whose prompt leaves less than "
+              f"--max-new-tokens {args.max_new_tokens} of the model's context of {context} tokens")
+    return [q for q in train_questions if q["id"] not in long_train], len(long_train)
+
+
 def load_model(name, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == BUNDLED_MODEL:
@@ -1834,9 +1981,16 @@ def load_model(name, device):
 # Flags that change what is sampled: a rerun into the same folder must match them to resume.
 RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temperature", "top_p",
                "max_new_tokens", "seed")
+# Flags that change what a round trains and what evaluation finds: finished rounds are reused only with them.
+ROUND_KEYS = ("train_size", "eval_size", "eval_samples", "mapping", "weighting", "loss", "beta",
+              "desirable_weight", "undesirable_weight", "epochs", "lr", "batch_size", "micro_batch_size",
+              "warmup_ratio")
+HELD_LOCKS = []  # the open lock files of this process's runs
 
 
 def prepare_output_dir(args):
+    """The run folder, locked for this run; a folder holding work done with other flags is refused.
+    Nothing is written to it here (config.json is written once the input is known to be good)."""
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1845,51 +1999,117 @@ def prepare_output_dir(args):
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}; choose another folder") from None
-    config_path = out / "config.json"
-    config = vars(args)
-    if config_path.exists() and (out / "samples.jsonl").exists():
-        old = json.loads(config_path.read_text())
-        changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+    lock_folder(out)
+    old = read_json(out / "config.json")
+    checks = [(RESUME_KEYS, (out / "samples.jsonl").exists()), (("eval_samples",), any(out.glob("predictions_*"))),
+              (ROUND_KEYS, any(out.glob("train_log_*")) or any(out.glob("checkpoint_*")))]
+    for keys, applies in checks:
+        changed = [k for k in keys if old is not None and applies and old.get(k) != vars(args).get(k)]
         if changed:
             flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
             raise UsageError(f"{out} holds a run made with {flags}; use those flags to resume it, "
                              f"or a new --output-dir")
     wait_for_everyone()  # every process has checked the old config before it is replaced
-    if is_main():
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
-def read_records(path, questions, num_samples):
-    """Finished records of an earlier, possibly interrupted run, keyed by question id.
+def lock_folder(out):
+    """One run per folder: an advisory lock on OUTPUT_DIR/.lock, held until the run ends. The system drops
+    it when the process ends, so the lock of a killed run never blocks the next."""
+    free = True
+    if is_main() and fcntl is not None:  # (Windows has no fcntl: no lock there)
+        handle = open(out / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            HELD_LOCKS.append(handle)
+        except BlockingIOError:
+            handle.close()
+            free = False
+    if not all(gather([free])):
+        raise UsageError(f"{out} is in use by another run of east.py; wait for it to end, or use another "
+                         f"--output-dir")
 
-    A last line cut off mid-write is dropped from the file (its question is redone);
-    every complete line is kept as it is.
+
+def unlock_folders():
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().close()
+
+
+def read_json(path):
+    """A JSON file of the run folder, None when there is none; one line naming the file when it is broken."""
+    try:
+        return json.loads(path.read_bytes()) if path.exists() else None
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); delete it (east.py writes it anew) or use another "
+                         f"--output-dir") from None
+
+
+def write_atomically(path, content):
+    """Write to a temporary name, then rename: a kill or a full disk mid-write leaves the old file whole."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    os.replace(partial, path)
+
+
+def read_records(path, questions, num_samples=None, repair=True):
+    """Finished records (samples or predictions) of an earlier, possibly interrupted run, by question id.
+
+    A last line cut off mid-write is dropped from the file (its question is redone; with repair=False,
+    for a file the user gave, it is an error); every complete line is kept as it is. Any other
+    problem is one line naming the file and line.
     """
     if not path.exists():
         return {}
     data = path.read_bytes()
     complete = data[:data.rfind(b"\n") + 1]
+    lines = complete.split(b"\n")[:-1]
     if len(complete) < len(data):
+        if not repair:
+            raise UsageError(f"{path} line {len(lines) + 1} is cut off; give a complete file")
         with open(path, "r+b") as f:
             f.truncate(len(complete))
     by_id = {q["id"]: q for q in questions}
     records = {}
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
+        where = f"{path} line {number}"
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path} line {number} is not valid JSON; delete that line to redo its "
-                             f"question") from None
-        question = by_id.get(record.get("id"))
+        except ValueError:  # also bytes that are not UTF-8
+            raise UsageError(f"{where} is not valid JSON; delete that line to redo its question") from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise UsageError(f"{where} is not a record east.py wrote (a JSON object with an id); delete "
+                             f"that line to redo its question")
+        question = by_id.get(record["id"])
         if question is not None and record.get("question") != question["question"]:
-            raise UsageError(f"{path} holds samples of other questions than this --dataset's; "
+            raise UsageError(f"{where} holds another question than this --dataset's {record['id']}; "
                              f"use a new --output-dir")
-        if len(record.get("responses", [])) != num_samples:
-            raise UsageError(f"{path} line {number} has {len(record.get('responses', []))} samples, not "
-                             f"--num-samples {num_samples}; use matching flags or a new --output-dir")
-        records[record.get("id")] = record
+        responses = record.get("responses")
+        if num_samples is not None and (not isinstance(responses, list) or len(responses) != num_samples):
+            raise UsageError(f"{where} has {len(responses) if isinstance(responses, list) else 'no'} "
+                             f"samples, not --num-samples {num_samples}; use matching flags or a new "
+                             f"--output-dir")
+        records[record["id"]] = record
     return records
+
+
+def use_samples_file(source, samples_path, questions, num_samples):
+    """--samples: read whole and checked (every line, the questions, n) before anything is written; then
+    copied into the run folder, which may already hold exactly that file and no other samples."""
+    records = read_records(source, questions, num_samples, repair=False)
+    missing = [q for q in questions if q["id"] not in records]
+    if missing:
+        raise UsageError(f"--samples {source} has samples of {len(questions) - len(missing)} of the "
+                         f"{len(questions)} training questions (first missing: {missing[0]['id']}); give a "
+                         f"complete file or a smaller --train-size")
+    if samples_path.exists():
+        if samples_path.read_bytes() != source.read_bytes():
+            raise UsageError(f"{samples_path} holds other samples than --samples {source}; leave out "
+                             f"--samples to resume this folder, or use a new --output-dir")
+    elif is_main():
+        write_atomically(samples_path, source.read_bytes())
+    wait_for_everyone()
 
 
 def append_records(path, records):
@@ -2167,7 +2387,7 @@ def paired_comparisons(out, rounds):
         rows = map(json.loads, (out / f"predictions_{tag}.jsonl").read_text(encoding="utf-8").splitlines())
         return {row["id"]: row["correct"] for row in rows}
     runs = {}  # name: {question id: [correct in each repeat]}
-    for r in rounds:
+    for r in (r for r in rounds if (out / f"predictions_{r['tag']}.jsonl").exists()):
         for q, c in correct(r["tag"]).items():
             runs.setdefault(r["name"], {}).setdefault(q, []).append(c)
     backbone = correct("backbone")
@@ -2216,10 +2436,6 @@ def round_report(tag, name, alpha, scored, examples, evaluation, args):
 def print_summary(report):
     config, backbone = report["config"], report["backbone"]
     n, k = config["num_samples"], config["eval_samples"]
-    first = report["rounds"][0]
-    e, c, ex = first["entropy"], first["counts"], first["example"]
-    clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
-    partial = f"{c['partial_agreement']} of {c['sampled']} ({c['partial_agreement'] / c['sampled']:.0%})"
 
     def accuracy_line(label, kept, ev):
         versus = "" if label == "backbone" else f"({100 * (ev['accuracy'] - backbone['accuracy']):+.1f})"
@@ -2229,21 +2445,33 @@ def print_summary(report):
     lines = [
         "", "==================== EAST summary ====================",
         f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
-        f"weighting {config['weighting']} ({config['mapping']})",
-        f"questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct path "
-        f"to train on",
-        f"samples          {c['truncated_samples']:.0%} cut off at {config['max_new_tokens']} new tokens "
-        f"(they count only an answer they state, and are never trained on)",
-        f"entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits "
-        f"(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial}",
-        f"example          {ex['question'][:90]!r}",
-        f"                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, "
-        f"w = {ex['weight']:.2f} (a={first['alpha']:g})",
+        f"weighting {config['weighting']} ({config['mapping']})"]
+    if report.get("skipped_long_prompts"):
+        lines.append(f"skipped          {report['skipped_long_prompts']} training questions too long for the "
+                     f"model's context")
+    if report["rounds"]:
+        first = report["rounds"][0]
+        e, c, ex = first["entropy"], first["counts"], first["example"]
+        clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
+        partial = f"{c['partial_agreement']} of {c['sampled']} ({c['partial_agreement'] / c['sampled']:.0%})"
+        lines += [
+            f"questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct "
+            f"path to train on",
+            f"samples          {c['truncated_samples']:.0%} cut off at {config['max_new_tokens']} new tokens "
+            f"(they count only an answer they state, and are never trained on)",
+            f"entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits "
+            f"(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial}",
+            f"example          {ex['question'][:90]!r}",
+            f"                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, "
+            f"w = {ex['weight']:.2f} (a={first['alpha']:g})"]
+    else:
+        lines.append("no round trained (see the warnings above): the backbone alone")
+    lines += [
         f"accuracy on {backbone['total']} test questions    greedy  (points)  cut off",
         accuracy_line("backbone", "", backbone),
         *(accuracy_line(r["tag"], f"{r['counts']['kept']} kept", r["evaluation"]) for r in report["rounds"])]
     for field in ("level", "subject"):
-        if f"by_{field}" in backbone:
+        if f"by_{field}" in backbone and report["rounds"]:
             last = report["rounds"][-1]["evaluation"][f"by_{field}"]
             lines.append(f"by {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
                                                        for g, a in backbone[f"by_{field}"].items()))
@@ -2273,6 +2501,8 @@ def draw_charts(report, out):
     alpha (Figure 3) and per iteration (Figure 4). PNGs when matplotlib is installed, text otherwise."""
     config, backbone = report["config"], report["backbone"]
     rounds = [r for r in report["rounds"] if r["tag"] in (r["name"], r["name"] + "_r1")]  # first repeats
+    if not rounds:
+        return
     last = {r["alpha"]: r for r in rounds}  # each alpha's final round
 
     def accuracies(evaluations):  # the accuracies, and their 95% intervals for error bars
@@ -2346,7 +2576,13 @@ def main(argv=None):
         print(f"\ninterrupted: finished batches are saved in {args.output_dir}; "
               f"rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a lost mount: what is written stays whole (appends, renames)
+        print(f"east.py: error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was "
+              f"finished is kept in {args.output_dir}: fix that and rerun the same command to resume",
+              file=sys.stderr)
+        return 2
     finally:
+        unlock_folders()
         signal.signal(signal.SIGTERM, previous)
 
 
