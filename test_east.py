@@ -1350,6 +1350,93 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sev
     assert len({tuple(responses) for responses in whole.values()}) > 1
 
 
+def folder_files(folder):
+    """Every file of a run folder and its bytes (the lock file aside: it is only ever opened)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+SWEEP = ("--alpha", "0", "1", "--epochs", "3", "--batch-size", "2", "--save-every", "2", "--save-model")
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+    # The same two-alpha run, once whole and once stopped in the second round's training after a checkpoint.
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, whole, *SWEEP)) == 0
+    total = len(read_jsonl(whole / "train_log_alpha1.jsonl"))
+    first_round_steps = len(read_jsonl(whole / "train_log_alpha0.jsonl"))
+    assert total >= 6 and not list(whole.glob("checkpoint_*"))  # removed once their rounds finished
+
+    real_accumulate, steps = east.accumulate_gradients, []
+
+    def accumulate_then_stop(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == first_round_steps + 5:  # alpha1's step 5: its last checkpoint is step 4's
+            raise KeyboardInterrupt
+        return real_accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_then_stop)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, *SWEEP)) == 130
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0"]
+    assert (out / "checkpoint_alpha1.pt").exists() and len(read_jsonl(out / "train_log_alpha1.jsonl")) == 4
+    first_round = {name: data for name, data in folder_files(out).items() if "alpha0" in name}
+    first_round.update({f"model_alpha0/{p.name}": p.read_bytes() for p in (out / "model_alpha0").iterdir()})
+
+    steps.clear()
+    monkeypatch.setattr(east, "accumulate_gradients", real_accumulate)
+    counted = count_calls(monkeypatch, "accumulate_gradients")
+    capsys.readouterr()
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, *SWEEP)) == 0
+    printed = capsys.readouterr().out
+    assert "[alpha0] finished in an earlier run" in printed and f"resuming after step 4 of {total}" in printed
+    assert len(counted) == total - 4  # alpha0 not retrained; alpha1 from step 5 on
+    again = {name: data for name, data in folder_files(out).items() if "alpha0" in name}
+    again.update({f"model_alpha0/{p.name}": p.read_bytes() for p in (out / "model_alpha0").iterdir()})
+    assert again == first_round  # the first round's log, weights, predictions: byte for byte
+    log = read_jsonl(out / "train_log_alpha1.jsonl")
+    assert [r["step"] for r in log] == list(range(1, total + 1))  # no step twice, none missing
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in read_jsonl(whole / "train_log_alpha1.jsonl")],
+                                                      rel=1e-6)
+    from transformers import AutoModelForCausalLM
+    resumed, uninterrupted = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole))
+    for name, value in uninterrupted.items():
+        assert torch.allclose(resumed[name], value, rtol=1e-5, atol=1e-7), name
+    results = {d: json.loads((d / "results.json").read_text()) for d in (out, whole)}
+    assert [r["evaluation"] for r in results[out]["rounds"]] == [r["evaluation"] for r in results[whole]["rounds"]]
+    assert results[out]["comparisons"] == results[whole]["comparisons"]
+    assert not list(out.glob("checkpoint_*")) and not list(out.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_an_interrupted_evaluation_keeps_its_rows_and_the_finished_rounds(tiny_model, sevens_file, tmp_path,
+                                                                           monkeypatch, capsys):
+    flags = ("--alpha", "0", "1", "--gen-batch-size", "1", "--num-samples", "1", "--eval-samples", "1")
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, whole, *flags)) == 0
+    real_append = east.append_records
+
+    def append_then_stop(path, records):  # Ctrl-C as alpha1's evaluation writes its second batch
+        if path.name == "predictions_alpha1.jsonl" and path.exists():
+            raise KeyboardInterrupt
+        real_append(path, records)
+
+    monkeypatch.setattr(east, "append_records", append_then_stop)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 130
+    assert len(read_jsonl(out / "predictions_alpha1.jsonl")) == 1  # the finished batch is kept
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0"]
+    assert (out / "checkpoint_alpha1.pt").exists()  # the trained weights wait for their evaluation
+    monkeypatch.setattr(east, "append_records", real_append)
+    trained, generated = count_calls(monkeypatch, "accumulate_gradients"), count_calls(monkeypatch, "generate")
+    capsys.readouterr()
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 0
+    assert not trained and len(generated) == 2  # no training; one question left: its greedy answer and sample
+    assert "evaluating alpha1: 1 of 2 questions already in predictions_alpha1.jsonl, 1 to go" in capsys.readouterr().out
+    for name in ("predictions_backbone.jsonl", "predictions_alpha0.jsonl", "predictions_alpha1.jsonl"):
+        assert sorted(read_jsonl(out / name), key=lambda r: r["id"]) == sorted(read_jsonl(whole / name),
+                                                                             key=lambda r: r["id"]), name
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0", "alpha1"]
+
+
 @pytest.mark.slow
 def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_path, monkeypatch):
     assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "first")) == 0
