@@ -1437,6 +1437,78 @@ def test_an_interrupted_evaluation_keeps_its_rows_and_the_finished_rounds(tiny_m
     assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0", "alpha1"]
 
 
+def start_east(argv):
+    return subprocess.Popen([sys.executable, east.__file__, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process, ready, limit=120):
+    """SIGKILL the run as soon as ready() holds (or let it end first); True when it was killed."""
+    import time
+    deadline = time.time() + limit
+    while process.poll() is None and time.time() < deadline:
+        if ready():
+            process.kill()
+            process.wait()
+            return True
+        time.sleep(0.005)
+    process.wait()
+    return False
+
+
+def lines_of(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["sampling", "training", "evaluation"])
+def test_a_run_killed_anywhere_finishes_on_rerun_with_nothing_twice_or_missing(tiny_model, tmp_path, phase):
+    questions = tmp_path / "sevens.jsonl"  # 24 questions (20 to train on, 4 to test): several batches each
+    write(questions, "".join(json.dumps({"question": f"Question {i}?", "answer": f"#### {'7' * (1 + i % 2)}"}) + "\n"
+                             for i in range(24)))
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_model, questions, out, "--alpha", "0", "1", "--gen-batch-size", "1", "--num-samples", "2",
+                     "--batch-size", "2", "--epochs", "4", "--save-every", "1")
+    ready = {"sampling": lambda: lines_of(out / "samples.jsonl") >= 3,
+             "training": lambda: (out / "checkpoint_alpha1.pt").exists(),
+             "evaluation": lambda: lines_of(out / "predictions_alpha1.jsonl") >= 1}[phase]
+    run = start_east(argv)
+    assert kill_when(run, ready), f"the run ended before {phase} was reached: {run.stderr.read()[-2000:]}"
+    rerun = subprocess.run([sys.executable, east.__file__, *argv], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    samples = read_jsonl(out / "samples.jsonl")
+    assert sorted(r["id"] for r in samples) == sorted(f"train-{i}" for i in range(20))
+    for tag in ("backbone", "alpha0", "alpha1"):
+        assert sorted(r["id"] for r in read_jsonl(out / f"predictions_{tag}.jsonl")) == [f"test-{i}" for i in range(4)]
+    for tag in ("alpha0", "alpha1"):
+        steps = [r["step"] for r in read_jsonl(out / f"train_log_{tag}.jsonl")]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0", "alpha1"]
+    assert not list(out.glob("checkpoint_*")) and not list(out.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_one_run_per_folder(tiny_model, sevens_file, tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out), capsys)
+    assert f"{out} is in use by another run" in message and folder_files(out) == {}
+    # Two runs started together into one folder: one runs, the other stops at once with that line.
+    argv = tiny_argv(tiny_model, sevens_file, tmp_path / "both", "--epochs", "40")
+    first, second = start_east(argv), start_east(argv)
+    codes = sorted((first.wait(timeout=300), second.wait(timeout=300)))
+    errors = first.stderr.read() + second.stderr.read()
+    assert codes == [0, 2] and "is in use by another run" in errors, errors[-3000:]
+    assert sorted(r["id"] for r in read_jsonl(tmp_path / "both" / "samples.jsonl")) == sorted(f"train-{i}" for i in range(8))
+    # A killed run's lock does not outlive it.
+    killed = start_east(tiny_argv(tiny_model, sevens_file, tmp_path / "killed"))
+    assert kill_when(killed, lambda: (tmp_path / "killed" / "config.json").exists())
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "killed")) == 0
+
+
 @pytest.mark.slow
 def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_path, monkeypatch):
     assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "first")) == 0
