@@ -1302,6 +1302,105 @@ def test_resuming_with_other_sampling_flags_is_refused(tiny_model, sevens_file, 
     assert (out / "samples.jsonl").read_text() == before
 
 
+@pytest.mark.slow
+def test_bad_run_files_are_one_line_and_change_nothing(tiny_model, sevens_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    finished = folder_files(out)
+    other = tmp_path / "other"  # the same questions, other samples (another seed)
+    assert east.main(tiny_argv(tiny_model, sevens_file, other, "--seed", "1")) == 0
+    samples = (out / "samples.jsonl").read_text().splitlines(keepends=True)
+    cut = write(tmp_path / "cut.jsonl", "".join(samples[:3]) + samples[3][:40])
+    partial = write(tmp_path / "partial.jsonl", "".join(samples[:3]))
+    empty = write(tmp_path / "empty.jsonl", "")
+    five = write(tmp_path / "five.jsonl", "".join(
+        json.dumps({**r, "responses": r["responses"] + ["x"]}) + "\n" for r in map(json.loads, samples)))
+    cases = [  # (extra flags, a fragment of the one line); each into the finished folder and a fresh one
+        (("--samples", str(cut)), "line 4 is cut off"),
+        (("--samples", str(partial)), "has samples of 3 of the 8 training questions"),
+        (("--samples", str(empty)), "has samples of 0 of the 8 training questions"),
+        (("--samples", str(five)), "has 5 samples, not --num-samples 4"),
+        (("--samples", str(tmp_path / "missing.jsonl")), "does not exist"),
+    ]
+    for extra, fragment in cases:
+        for folder in (out, tmp_path / "fresh"):
+            assert fragment in run_main_expecting_error(tiny_argv(tiny_model, sevens_file, folder, *extra), capsys)
+        assert folder_files(out) == finished and folder_files(tmp_path / "fresh") == {}
+    # The folder's own samples differ from --samples: refused, before anything is copied or written.
+    message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out, "--samples",
+                                                 str(other / "samples.jsonl")), capsys)
+    assert "holds other samples than --samples" in message and folder_files(out) == finished
+    # The folder's own files broken: one line naming the file and line.
+    for name, content, fragment in [
+            ("config.json", b'{"model": ', "config.json is not valid JSON"),
+            ("samples.jsonl", b"".join(finished["samples.jsonl"].splitlines(keepends=True)[:2]) + b'{"id": "\xff\xfe"}\n',
+             "samples.jsonl line 3 is not valid JSON"),
+            ("samples.jsonl", finished["samples.jsonl"] + b"[1, 2]\n", "samples.jsonl line 9 is not a record east.py wrote"),
+            ("predictions_backbone.jsonl", b'"text"\n', "predictions_backbone.jsonl line 1 is not a record")]:
+        (out / name).write_bytes(content)
+        broken = folder_files(out)
+        assert fragment in run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out), capsys)
+        assert folder_files(out) == broken
+        (out / name).write_bytes(finished[name])
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+    import errno
+    out = tmp_path / "out"
+    real_append = east.append_records
+
+    def append_until_full(path, records):
+        if path.name == "predictions_backbone.jsonl":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_append(path, records)
+
+    monkeypatch.setattr(east, "append_records", append_until_full)
+    message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out), capsys)
+    assert "No space left on device" in message and "rerun the same command to resume" in message
+    samples = (out / "samples.jsonl").read_bytes()
+    assert len(samples.splitlines()) == 8  # what was written is kept
+    monkeypatch.setattr(east, "append_records", real_append)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    assert (out / "samples.jsonl").read_bytes() == samples and len(read_jsonl(out / "predictions_backbone.jsonl")) == 2
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model, sevens_file, tmp_path,
+                                                                            monkeypatch, capsys):
+    out = tmp_path / "out"
+    real_accumulate, steps = east.accumulate_gradients, []
+
+    def nan_at_step_3(*args, **kwargs):
+        steps.append(1)
+        loss, tokens = real_accumulate(*args, **kwargs)
+        return (math.nan if len(steps) == 3 else loss), tokens
+
+    monkeypatch.setattr(east, "accumulate_gradients", nan_at_step_3)
+    argv = tiny_argv(tiny_model, sevens_file, out, "--batch-size", "2", "--save-every", "1")
+    assert "training stopped at step 3: the loss is nan" in run_main_expecting_error(argv, capsys)
+    assert torch.load(out / "checkpoint_alpha1.pt", weights_only=True)["step"] == 2
+    assert [r["step"] for r in read_jsonl(out / "train_log_alpha1.jsonl")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_long_prompts_are_skipped_in_training_and_refused_in_testing(tiny_model, tmp_path, capsys):
+    # The tiny model's context is 512 tokens, one token per character; --max-new-tokens 12 leaves 500.
+    rows = [{"question": f"Question {i}?" + (" 7" * 300 if i in (1, 3) else ""), "answer": "#### 7"}
+            for i in range(8)] + [{"question": "Question 0?", "answer": "#### 7"}] * 2
+    data = write(tmp_path / "long.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert east.main(tiny_argv(tiny_model, data, tmp_path / "out")) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 2 training questions whose prompt leaves less than --max-new-tokens 12" in printed
+    assert "data: warning: 1 test questions repeated, 2 test questions also in training" in printed
+    assert len(read_jsonl(tmp_path / "out" / "samples.jsonl")) == 6
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["skipped_long_prompts"] == 2
+    rows[-1] = {"question": "Long test question" + " 7" * 300, "answer": "#### 7"}
+    write(data, "".join(json.dumps(r) + "\n" for r in rows))
+    message = run_main_expecting_error(tiny_argv(tiny_model, data, tmp_path / "out2"), capsys)
+    assert "1 test questions do not fit the model's context of 512 tokens" in message and "test-1" in message
+
+
 # -----------------------------------------------------------------------------
 # Set-up: the run folder resumes
 
