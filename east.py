@@ -252,14 +252,14 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
     the evaluation), or None when no question can be trained on."""
     scored = score_questions(records, alpha, args)  # steps 2-5
     if is_main():
-        write_atomically(out / f"weights_{tag}.jsonl",
-                         "".join(json.dumps({k: v for k, v in s.items() if k != "question"}) + "\n" for s in scored))
+        rows = [{k: v for k, v in s.items() if k != "question"} for s in scored]
+        write_atomically(out / f"weights_{tag}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     kept = [s for s in scored if s["kept"]]
     print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
     if not kept:
-        print(f"[{tag}] warning: no training question has a correct sample (all {len(scored)} dropped; samples "
-              f"are in {out}), so there is nothing to train; use a larger --num-samples, easier data or a "
-              f"stronger --model")
+        print(f"[{tag}] warning: no training question has a correct sample (all {len(scored)} dropped; "
+              f"samples are in {out}), so there is nothing to train; use a larger --num-samples, easier "
+              f"data or a stronger --model")
         return None
     weights = [s["weight"] for s in kept]
     print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}): min {min(weights):.2f} "
@@ -335,7 +335,7 @@ def run(args):
     finished = {r["tag"]: r for r in report["rounds"]}
     holds = None  # whose weights `model` holds: None for the backbone's, else a round's tag
     try:
-        for alpha, repeat in [(alpha, repeat) for alpha in args.alpha for repeat in range(1, args.repeats + 1)]:
+        for alpha, repeat in itertools.product(args.alpha, range(1, args.repeats + 1)):
             round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
             names = [f"alpha{alpha:g}" + (f"_iter{i}" if args.iterations > 1 else "")
                      for i in range(1, args.iterations + 1)]
@@ -344,8 +344,9 @@ def run(args):
             for iteration, (name, tag) in enumerate(zip(names, tags), 1):
                 needed_next = iteration < len(tags) and tags[iteration] not in finished
                 if tag in finished and (not needed_next or checkpoint_path(out, tag).exists()):
-                    print(f"[{tag}] finished in an earlier run ({100 * finished[tag]['evaluation']['accuracy']:.1f}%"
-                          f" in results.json); skipped")
+                    accuracy = finished[tag]["evaluation"]["accuracy"]
+                    print(f"[{tag}] finished in an earlier run ({100 * accuracy:.1f}%, in results.json); "
+                          f"skipped")
                     start = tag
                     continue
                 if holds != start:  # a fresh copy of the starting weights
@@ -707,15 +708,16 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
     """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step. A checkpoint
     (when a path is given) is written every --save-every steps and at each epoch's end, and training
     resumes from it.
-    Returns (the trained model, Counter of the tokens trained by this call): with --fsdp a new, whole model."""
+    Returns (the trained model, Counter of the tokens trained by this call): with --fsdp a new, whole
+    model."""
     from transformers import get_linear_schedule_with_warmup
     stop_vllm()  # with --engine vllm: the GPU is the trained model's now
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     state = torch.load(checkpoint, weights_only=True) if checkpoint and checkpoint.exists() else None
     if state is not None and state["total_steps"] != total_steps:
-        raise UsageError(f"{checkpoint} is from a training of {state['total_steps']} steps, not {total_steps}; "
-                         f"delete it to train afresh, or use another --output-dir")
+        raise UsageError(f"{checkpoint} is from a training of {state['total_steps']} steps, not "
+                         f"{total_steps}; delete it to train afresh, or use another --output-dir")
     if state is not None and state["step"] == total_steps:
         model.load_state_dict(state["model"])
         print(f"training: finished in an earlier run ({checkpoint.name}); skipped")
@@ -777,7 +779,8 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
                 row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                if checkpoint and (step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0)):
+                epoch_end = step % steps_per_epoch == 0
+                if checkpoint and (epoch_end or (args.save_every and step % args.save_every == 0)):
                     save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, step, total_steps)
     if args.gradient_checkpointing:
         model.activation_checkpointing_disable()
@@ -798,9 +801,9 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, step, total_steps
     model_state, optimizer_state = training_state(model, optimizer)  # every process takes part
     if is_main():
         partial = path.with_name(path.name + ".partial")
-        torch.save({"step": step, "total_steps": total_steps, "model": model_state, "optimizer": optimizer_state,
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state()}, partial)
+        torch.save({"step": step, "total_steps": total_steps, "model": model_state,
+                    "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}, partial)
         os.replace(partial, path)
     wait_for_everyone()  # no process reads it before it is whole
 
@@ -1633,8 +1636,8 @@ def build_parser():
                    help="auto: cuda, mps, cpu")
     g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
     g.add_argument("--save-every", type=int, default=100,
-                   help="also write a training checkpoint every N optimiser steps (besides each epoch's end); "
-                        "0: only at epoch ends")
+                   help="also write a training checkpoint every N optimiser steps (besides each epoch's "
+                        "end); 0: only at epoch ends")
     g.add_argument("--save-model", action="store_true",
                    help="write each trained model to OUTPUT_DIR/model_TAG")
     g.add_argument("--bench", action="store_true",
@@ -1940,9 +1943,9 @@ def fitting_questions(model, tokenizer, train_questions, test_questions, args):
     long_test = too_long(test_questions)
     if long_test:
         first, length = next(iter(long_test.items()))
-        raise UsageError(f"{len(long_test)} test questions do not fit the model's context of {context} tokens "
-                         f"with --max-new-tokens {args.max_new_tokens} (the first, {first}, has a {length}-token "
-                         f"prompt); shorten or remove them, or lower --max-new-tokens")
+        raise UsageError(f"{len(long_test)} test questions do not fit the model's context of {context} "
+                         f"tokens with --max-new-tokens {args.max_new_tokens} (the first, {first}, has a "
+                         f"{length}-token prompt); shorten or remove them, or lower --max-new-tokens")
     long_train = too_long(train_questions)
     if long_train:
         print(f"data: skipped {len(long_train)} training questions whose prompt leaves less than "
@@ -2001,7 +2004,8 @@ def prepare_output_dir(args):
         raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}; choose another folder") from None
     lock_folder(out)
     old = read_json(out / "config.json")
-    checks = [(RESUME_KEYS, (out / "samples.jsonl").exists()), (("eval_samples",), any(out.glob("predictions_*"))),
+    checks = [(RESUME_KEYS, (out / "samples.jsonl").exists()),
+              (("eval_samples",), any(out.glob("predictions_*"))),
               (ROUND_KEYS, any(out.glob("train_log_*")) or any(out.glob("checkpoint_*")))]
     for keys, applies in checks:
         changed = [k for k in keys if old is not None and applies and old.get(k) != vars(args).get(k)]

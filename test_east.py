@@ -1040,6 +1040,56 @@ def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, seven
 
 
 @pytest.mark.slow
+def test_sharded_training_resumes_from_its_checkpoint(tiny_model, sevens_file, tmp_path):
+    # Two processes with --fsdp, killed (both, with their launcher) once a checkpoint exists mid-training,
+    # then rerun: the sharded weights and AdamW state are loaded back and the result is the whole run's.
+    from transformers import AutoModelForCausalLM
+    flags = ("--epochs", "4", "--batch-size", "2", "--save-every", "1", "--save-model")
+    whole = launch_two_processes(tiny_argv(tiny_model, sevens_file, tmp_path / "whole", *flags), kind="--use_fsdp")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_model, sevens_file, out, *flags)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--use_fsdp", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    run = subprocess.Popen([*launch, east.__file__, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def mid_training():
+        return lines_of(out / "train_log_alpha1.jsonl") >= 2 and (out / "checkpoint_alpha1.pt").exists()
+
+    class Group:  # kill_when kills the launcher and both workers (torchrun starts them in sessions of their own)
+        def __init__(self, process):
+            self.process = process
+
+        def poll(self):
+            return self.process.poll()
+
+        def kill(self):
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                with contextlib.suppress(OSError):
+                    if str(out).encode() in cmdline.read_bytes():
+                        os.kill(int(cmdline.parent.name), signal.SIGKILL)
+
+        def wait(self):
+            return self.process.wait()
+
+    assert kill_when(Group(run), mid_training)
+    total = len(read_jsonl(tmp_path / "whole" / "train_log_alpha1.jsonl"))
+    assert lines_of(out / "train_log_alpha1.jsonl") < total  # stopped mid-training
+    rerun = launch_two_processes(argv, kind="--use_fsdp")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming after step" in rerun.stdout, rerun.stdout[-4000:]
+    log = read_jsonl(out / "train_log_alpha1.jsonl")
+    assert [r["step"] for r in log] == list(range(1, total + 1))
+    resumed, uninterrupted = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict()
+                              for d in (out, tmp_path / "whole"))
+    for name, value in uninterrupted.items():
+        assert torch.allclose(resumed[name], value, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.slow
 def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
