@@ -48,7 +48,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import sys
