@@ -467,11 +467,12 @@ def next_tokens(logits, args, greedy, uniform=None):
     return torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
-def question_seed(args, path, question):
-    """A question's own sampling seed, from the run's seed, the file and the question id alone: its
+def question_seed(args, stream, question):
+    """A question's own sampling seed, from the run's seed, a stream name (the samples file, or
+    "evaluation": every model's maj@k samples draw the same numbers) and the question id alone: its
     samples do not depend on the batch it falls in, so a resumed run samples what an uninterrupted
     one does."""
-    return zlib.crc32(f"{args.seed}:{path.name}:{question['id']}".encode())
+    return zlib.crc32(f"{args.seed}:{stream}:{question['id']}".encode())
 
 
 @torch.inference_mode()
@@ -485,7 +486,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=No
     samples cost nothing while long ones go on. Sampling uses exactly --temperature and --top-p.
     """
     if seeds is None:
-        seeds = torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
+        seeds = [0] * len(prompts) if greedy else torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
     if args.engine == "vllm":
         return generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds)
     from transformers import DynamicCache
@@ -551,7 +552,7 @@ def sample_responses(model, tokenizer, questions, args, path):
             batch = todo[start:start + args.gen_batch_size]
             prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
             responses, ended, used = generate(model, tokenizer, prompts, args.num_samples, args,
-                                              seeds=[question_seed(args, path, q) for q in batch])
+                                              seeds=[question_seed(args, path.name, q) for q in batch])
             records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
                         "responses": r, "ended": e} for q, r, e in zip(batch, responses, ended)]
             append_records(own_file(path), records)
@@ -843,8 +844,9 @@ def evaluate(model, tokenizer, questions, args, path, label):
             tokens += used
             sampled = sampled_ended = [None] * len(batch)
             if args.eval_samples:
+                seeds = [question_seed(args, "evaluation", q) for q in batch]
                 sampled, sampled_ended, used = generate(model, tokenizer, prompts, args.eval_samples, args,
-                                                        seeds=[question_seed(args, path, q) for q in batch])
+                                                        seeds=seeds)
                 tokens += used
             new_rows = []
             for q, (response,), (ended,), samples, samples_ended in zip(batch, greedy, greedy_ended, sampled,
