@@ -298,8 +298,6 @@ def run(args):
     samples_path = out / "samples.jsonl"
     if args.samples:  # checked whole before anything is written to the folder
         use_samples_file(Path(args.samples), samples_path, train_questions, args.num_samples)
-    if is_main():
-        write_atomically(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions "
           f"from {args.dataset}")
@@ -311,6 +309,8 @@ def run(args):
           f"{device}, computing in {str(compute_dtype(device)).removeprefix('torch.')}; "
           f"matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
     train_questions, too_long = fitting_questions(model, tokenizer, train_questions, test_questions, args)
+    if is_main():  # the input is good: the folder's first write
+        write_atomically(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
     args.gen_batch_size = min(gather([questions_per_call(model, args, device)]))  # the same in every process
     print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
 

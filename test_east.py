@@ -1449,6 +1449,7 @@ def test_long_prompts_are_skipped_in_training_and_refused_in_testing(tiny_model,
     write(data, "".join(json.dumps(r) + "\n" for r in rows))
     message = run_main_expecting_error(tiny_argv(tiny_model, data, tmp_path / "out2"), capsys)
     assert "1 test questions do not fit the model's context of 512 tokens" in message and "test-1" in message
+    assert folder_files(tmp_path / "out2") == {}  # refused before anything was written
 
 
 # -----------------------------------------------------------------------------
