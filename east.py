@@ -88,6 +88,8 @@ MAX_ALPHA = 1000.0
 
 def entropy_weights(entropies, alpha, mapping="power"):
     """w_i = f(H_i) / mean_j f(H_j), with f(H) = H^a (power) or exp(a*H) (exp).
+    With the power mapping and a > 0, a question whose n answers all agree (H = 0) gets weight 0: EAST
+    then trains only on the questions the model is unsure of (the summary counts them).
     Example: entropy_weights([1.0, 2.0, 3.0], 1.0) == [0.5, 1.0, 1.5]; alpha=0 gives all 1."""
     if not entropies:
         return []
@@ -279,25 +281,28 @@ def run(args):
     print(f"backbone accuracy: {100 * backbone['accuracy']:.1f}% ({backbone['correct']}/{backbone['total']})")
 
     # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
-    # with the trained model and train again (iterative self-training); --repeats trains each alpha
-    # again from the same samples with another seed (the shuffling, the chosen path).
+    # with the trained model and train again (iterative self-training). --repeats K replicates it all:
+    # each repeat draws its own samples with its own seed (with --same-samples, only its training seed).
     with folder.recording(backbone, too_long, timed) as report:  # results.json after every round
-        for alpha, repeat in itertools.product(args.alpha, range(1, args.repeats + 1)):
+        for repeat in range(1, args.repeats + 1):
             round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
-            round_records = records
-            for planned in folder.rounds_to_run(alpha, repeat):  # finished rounds are skipped
+            if repeat > 1 and not args.same_samples:  # step 1 again, with the backbone and this seed
+                model, tokenizer = folder.weights_of(None, model, tokenizer, device)
+                with timed(f"sample r{repeat}"):
+                    records = sample_responses(model, tokenizer, train_questions, round_args,
+                                               folder / f"samples_r{repeat}.jsonl")
+            for planned in folder.rounds_to_run(repeat):  # each alpha's chain of iterations, what is left
                 model, tokenizer = folder.weights_of(planned.start, model, tokenizer, device)
+                round_records = records
                 if planned.iteration > 1:
                     with timed(f"sample {planned.tag}"):
                         round_records = sample_responses(model, tokenizer, train_questions, round_args,
                                                          folder / f"samples_{planned.tag}.jsonl")
-                result = self_training_round(model, tokenizer, round_records, alpha, planned.tag,
+                result = self_training_round(model, tokenizer, round_records, planned.alpha, planned.tag,
                                              test_questions, round_args, folder, timed)
-                if result is None:
-                    break
-                model, scored, examples, evaluation = result
-                entry = round_report(planned.tag, planned.name, alpha, scored, examples, evaluation, args)
-                folder.add_round(entry, [s["entropy"] for s in scored])
+                if result is not None:
+                    model, scored, examples, evaluation = result
+                    folder.add_round(round_report(planned, scored, examples, evaluation, round_args), scored)
     summarise(report, folder.path)
     leave_process_group()
     return report
@@ -578,71 +583,70 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
     steps and at each epoch's end, and resumes from it. Returns the trained model: with --fsdp a new one."""
     from transformers import get_linear_schedule_with_warmup
     stop_vllm()  # with --engine vllm: the GPU is the trained model's now
+    device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
+    batches = batch_order(len(examples), args.batch_size, args.epochs, args.seed)  # each step's examples
+    total_steps = len(batches)
     checkpoint = checkpoint or Checkpoint(None)
     if checkpoint.holds_finished_training(model, total_steps):  # and has loaded its weights into model
         return model.eval()
     if args.loss != "sft":  # from the starting weights, also when resuming
         add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
-    model = start_training(model, args)  # activation checkpointing, FSDP
+    model = training_mode(model, args, on=True)  # activation checkpointing, FSDP
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    scaler = loss_scaler(model)  # scales fp16 losses up; does nothing in bf16 and fp32
+    # fp16 gradients underflow unless the loss is scaled up first; in bf16 and fp32 the scaler is off.
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
     done = checkpoint.restore(model, optimizer, scheduler, scaler)  # the steps an earlier run finished
     print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
           f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
           + (f", sharded among {world_size()} processes" if args.fsdp else ""))
-    rng = random.Random(args.seed)
     with open_loss_log(log_path, done) as log:
-        for epoch in range(1, args.epochs + 1):
-            order = list(range(len(examples)))
-            rng.shuffle(order)  # also in the epochs already done: the shuffles follow one another
-            for first in range(0, len(order), args.batch_size):
-                step = (epoch - 1) * steps_per_epoch + first // args.batch_size + 1
-                if step <= done:
-                    continue
-                batch = [examples[i] for i in order[first:first + args.batch_size]]
-                step_start = time.time()
-                loss, tokens = accumulate_gradients(model, batch, args, tokenizer.pad_token_id, scaler)
-                if not math.isfinite(loss):
-                    raise UsageError(f"training stopped at step {step}: the loss is {loss}; the last good "
-                                     f"checkpoint is kept ({checkpoint.path}); try a lower --lr")
-                scaler.unscale_(optimizer)  # the clip applies to the true gradient
-                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                lr = scheduler.get_last_lr()[0]
-                scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                speed = tokens / max(time.time() - step_start, 1e-9)
-                print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
-                      f"{speed:6.0f} tok/s")
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens})
-                          + "\n")
-                if step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
-                    checkpoint.save(model, optimizer, scheduler, scaler, step, total_steps)
+        for step, indices in enumerate(batches[done:], done + 1):  # the steps an earlier run did not do
+            epoch = (step - 1) // steps_per_epoch + 1
+            step_start = time.time()
+            loss, tokens = accumulate_gradients(model, [examples[i] for i in indices], args,
+                                                tokenizer.pad_token_id, scaler)
+            if not math.isfinite(loss):
+                raise UsageError(f"training stopped at step {step}: the loss is {loss}; the last good "
+                                 f"checkpoint is kept ({checkpoint.path}); try a lower --lr")
+            scaler.unscale_(optimizer)  # the clip applies to the true gradient
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            lr = scheduler.get_last_lr()[0]
+            scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            speed = tokens / max(time.time() - step_start, 1e-9)
+            print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+                  f"{speed:6.0f} tok/s")
+            log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens})
+                      + "\n")
+            epoch_end, due = step % steps_per_epoch == 0, args.save_every and step % args.save_every == 0
+            if checkpoint.path and (epoch_end or due):
+                checkpoint.save(model, optimizer, scheduler, scaler, step, total_steps)
     del optimizer, scheduler  # free the AdamW state before a sharded model is gathered whole
-    return end_training(model, args)
+    return training_mode(model, args, on=False)
 
-def start_training(model, args):
-    """The model made ready to train: activation checkpointing with --gradient-checkpointing, its weights,
-    gradients and AdamW state split among the processes with --fsdp."""
+def batch_order(num_examples, batch_size, epochs, seed):
+    """The examples of each optimiser step, as indices: every epoch a new shuffle from one seeded stream,
+    cut into batches. Training, and the check that two repeats train alike, both read it from here."""
+    rng, steps = random.Random(seed), []
+    for _ in range(epochs):
+        order = list(range(num_examples))
+        rng.shuffle(order)
+        steps += [order[first:first + batch_size] for first in range(0, num_examples, batch_size)]
+    return steps
+
+def training_mode(model, args, on):
+    """The model into training (on) or out of it: activation checkpointing with --gradient-checkpointing;
+    with --fsdp its weights, gradients and AdamW state split among the processes, and whole again after."""
     if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    return (shard(model) if args.fsdp else model).train()
-
-def end_training(model, args):
-    """The trained model made ready to sample and evaluate: whole again in every process with --fsdp."""
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_disable()
-    return (unshard(model) if args.fsdp else model).eval()
-
-def loss_scaler(model):
-    """fp16 gradients underflow unless the loss is scaled up first; in bf16 and fp32 the scaler is off."""
-    device = next(model.parameters()).device
-    return torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
+        model.activation_checkpointing_enable() if on else model.activation_checkpointing_disable()
+    if args.fsdp:
+        model = shard(model) if on else unshard(model)
+    return model.train(on)
 
 
 # -----------------------------------------------------------------------------
@@ -1359,8 +1363,10 @@ def build_parser():
     g.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D, right paths' weight")
     g.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U, wrong paths' weight")
     g.add_argument("--iterations", type=int, default=1, help="rounds of iterative self-training (resample)")
-    g.add_argument("--repeats", type=int, default=1, help="train and evaluate each alpha K times from the "
-                   "same samples with other training seeds: mean and sd per alpha, comparisons pooled")
+    g.add_argument("--repeats", type=int, default=1, help="replicate the experiment K times, each with its "
+                   "own seed and samples: mean and sd per alpha, comparisons pooled over questions")
+    g.add_argument("--same-samples", action="store_true", help="with --repeats: reuse the first samples, so "
+                   "that repeats vary only the training seed (the chosen path, the shuffling)")
     g.add_argument("--epochs", type=int, default=3, help="passes over the kept questions")
     g.add_argument("--lr", type=float, default=2e-6, help="peak AdamW learning rate")
     g.add_argument("--batch-size", type=int, default=16, help="effective batch B, examples per AdamW step")
@@ -1546,17 +1552,15 @@ def load_hub_split(dataset, split):
     """GSM8K and MATH from the Hugging Face hub (only when no --data-dir is given)."""
     try:
         import datasets
-        if dataset == "gsm8k":
-            rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
-            return [normalise_row(dict(r), f"openai/gsm8k {split}") for r in rows]
-        rows = datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", split=split)
-        return [normalise_row({"problem": r["problem"], "solution": r["solution"], "level": r["level"],
-                               "subject": r["type"]}, f"MATH {split}") for r in rows]
-    except UsageError:
-        raise
+        name = ("openai/gsm8k", "main") if dataset == "gsm8k" else ("DigitalLearningGmbH/MATH-lighteval",)
+        rows = datasets.load_dataset(*name, split=split)
     except Exception as e:  # the hub raises many types (connection, HTTP, file-not-found)
         raise UsageError(f"could not download {dataset} from the Hugging Face hub ({type(e).__name__}); "
                          f"for local files pass --data-dir (e.g. --data-dir ../shared/data)") from None
+    if dataset == "gsm8k":
+        return [normalise_row(dict(r), f"openai/gsm8k {split}") for r in rows]
+    return [normalise_row({"problem": r["problem"], "solution": r["solution"], "level": r["level"],
+                           "subject": r["type"]}, f"MATH {split}") for r in rows]
 
 def load_questions(args):
     """Training and test questions, each a list of dicts with a stable "id"."""
@@ -1699,7 +1703,7 @@ RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temp
 # Flags that change what a round trains and what evaluation finds: finished rounds are reused only with them.
 ROUND_KEYS = ("train_size", "eval_size", "eval_samples", "mapping", "weighting", "loss", "beta",
               "desirable_weight", "undesirable_weight", "epochs", "lr", "batch_size", "micro_batch_size",
-              "warmup_ratio")
+              "warmup_ratio", "same_samples")
 HELD_LOCKS = []  # the open lock files of this process's runs
 
 class RunFolder:
@@ -1750,25 +1754,31 @@ class RunFolder:
     def checkpoint(self, tag):  # training a round anew makes its predictions void
         return Checkpoint(self / f"checkpoint_{tag}.pt", stale=self / f"predictions_{tag}.jsonl")
 
-    def rounds_to_run(self, alpha, repeat):
-        """The rounds of one chain of iterations (one alpha and repeat) still to run, each with `start`, whose
-        weights it starts from (None: the backbone). A finished round is skipped unless the next needs its
-        weights and its checkpoint is gone; once the whole chain is finished its checkpoints are deleted."""
-        names = [f"alpha{alpha:g}" + (f"_iter{i}" if self.args.iterations > 1 else "")
-                 for i in range(1, self.args.iterations + 1)]
-        tags = [name + (f"_r{repeat}" if self.args.repeats > 1 else "") for name in names]
-        start = None
-        for iteration, (name, tag) in enumerate(zip(names, tags), 1):
-            needed_next = iteration < len(tags) and tags[iteration] not in self.finished
-            if tag in self.finished and (not needed_next or self.checkpoint(tag).path.exists()):
-                accuracy = self.finished[tag]["evaluation"]["accuracy"]
-                print(f"[{tag}] finished in an earlier run ({100 * accuracy:.1f}%, in results.json); skipped")
-            else:
-                yield types.SimpleNamespace(tag=tag, name=name, iteration=iteration, start=start)
-            start = tag
-        if all(tag in self.finished for tag in tags) and is_main():  # the chain's weights are needed no more
-            for tag in tags:
-                self.checkpoint(tag).path.unlink(missing_ok=True)
+    def rounds_to_run(self, repeat):
+        """The rounds of one repeat still to run: each alpha's chain of iterations, each round with `start`,
+        whose weights it starts from (None: the backbone). A finished round is skipped unless the next needs
+        its weights and its checkpoint is gone; a chain stops at a round that found nothing to train; once a
+        chain is finished its checkpoints are deleted."""
+        for alpha in self.args.alpha:
+            names = [f"alpha{alpha:g}" + (f"_iter{i}" if self.args.iterations > 1 else "")
+                     for i in range(1, self.args.iterations + 1)]
+            tags = [name + (f"_r{repeat}" if self.args.repeats > 1 else "") for name in names]
+            start = None
+            for iteration, (name, tag) in enumerate(zip(names, tags), 1):
+                needed_next = iteration < len(tags) and tags[iteration] not in self.finished
+                if tag in self.finished and (not needed_next or self.checkpoint(tag).path.exists()):
+                    accuracy = self.finished[tag]["evaluation"]["accuracy"]
+                    print(f"[{tag}] finished in an earlier run ({100 * accuracy:.1f}%, in results.json); "
+                          f"skipped")
+                else:
+                    yield types.SimpleNamespace(alpha=alpha, repeat=repeat, tag=tag, name=name,
+                                                iteration=iteration, start=start)
+                    if tag not in self.finished:  # it trained nothing: the chain cannot go on
+                        break
+                start = tag
+            if all(tag in self.finished for tag in tags) and is_main():  # the chain's weights: needed no more
+                for tag in tags:
+                    self.checkpoint(tag).path.unlink(missing_ok=True)
 
     def weights_of(self, start, model, tokenizer, device):
         """model when it holds the weights of round `start` (None: the backbone), else a fresh copy."""
@@ -1795,11 +1805,17 @@ class RunFolder:
             stop_vllm()
             self.save_results()
 
-    def add_round(self, entry, entropies):
+    def add_round(self, entry, scored):
         """A finished round's entry (round_report) to results.json: the model holds its weights."""
+        twin = next((r["tag"] for r in self.finished.values() if r["tag"] != entry["tag"]
+                     and (r["name"], r.get("training")) == (entry["name"], entry["training"])), None)
+        if twin:  # a copy is no new evidence: paired_comparisons and repeat_statistics leave it out
+            entry["twin_of"] = twin
+            print(f"[{entry['tag']}] trained exactly as {twin} (the same chosen paths and batches): "
+                  f"counted once")
         self.finished[entry["tag"]], self.holds = entry, entry["tag"]
         self.report["rounds"] = [r for r in self.report["rounds"] if r["tag"] != entry["tag"]] + [entry]
-        self.report.setdefault("entropies", entropies)  # the first round's: a chart
+        self.report.setdefault("entropies", [s["entropy"] for s in scored])  # the first round's: a chart
         self.save_results()
 
     def save_results(self):
@@ -1845,8 +1861,6 @@ class Checkpoint:
         return state["step"]
 
     def save(self, model, optimizer, scheduler, scaler, step, total_steps):
-        if self.path is None:
-            return
         model_state, optimizer_state = training_state(model, optimizer)  # every process takes part
         if is_main():  # renamed into place whole: a kill mid-write keeps the last one
             state = {"step": step, "total_steps": total_steps, "model": model_state,
@@ -2074,12 +2088,10 @@ def phase_figures(seconds, tokens, flops, flops_per_second, peak_mb):
 BENCH_QUESTIONS = 16
 
 def benchmark(args):
-    """Sampling, greedy evaluation and one epoch of weighted SFT on a fixed small workload (16 generated
-    arithmetic questions), each as tokens/s, peak memory and share of the FLOP bound (phase_figures).
-    Sampling is also set against a naive loop that generates one sample of one prompt per call, and
-    against peers: transformers' model.generate on the same prompts, n, length, temperature and top-p
-    (num_return_sequences, one call), and, where trl is installed, TRL's SFTTrainer on the same
-    examples (1 epoch, the same batch split)."""
+    """Sampling, greedy evaluation and one epoch of weighted SFT on 16 generated arithmetic questions, each
+    as tokens/s, peak memory and share of the FLOP bound (phase_figures); against a naive loop (one sample
+    of one prompt per call) and peers: transformers' model.generate (num_return_sequences, one call) and,
+    where trl is installed, TRL's SFTTrainer, on the same work."""
     check_args(args)
     if launched_as_several():
         raise UsageError("--bench measures one process; run it with python, not accelerate launch")
@@ -2218,49 +2230,71 @@ def wilson_interval(correct, total, z=1.96):
     centre, half = (p + z2 / 2) / (1 + z2), z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
     return max(0.0, centre - half), min(1.0, centre + half)
 
+def sign_flip_p(differences):
+    """Two-sided p-value that the mean per-question difference is 0: the share of the 2^n sign flips of the
+    (whole-number) differences whose sum lies at least as far from 0 as the observed sum, counted exactly,
+    one difference at a time. With one run's 0/1 grades it is McNemar's p.
+    Example: sign_flip_p([1, 1, 1, 0]) == 0.25 (2 of the 8 flips of three 1s sum to 3 or -3)."""
+    ways = Counter({0: 1})  # each sum the differences so far reach, with how many flips reach it
+    for d in filter(None, differences):
+        flipped = Counter()
+        for s, count in ways.items():
+            flipped[s + d] += count
+            flipped[s - d] += count
+        ways = flipped
+    observed = abs(sum(differences))
+    return sum(w for s, w in ways.items() if abs(s) >= observed) / sum(ways.values())
+
 def paired_difference(first, second):
-    """second - first on the same questions. first, second: {question id: [correct per repeat]}, the
-    repeats paired in order. Returns the difference in points, its 95% bootstrap interval over
-    questions, and the McNemar p-value of the pooled pairs (lost: right in first only; gained: second)."""
+    """second - first on the same questions. first, second: {question id: [correct in each repeat]}, the
+    repeats paired in order. Returns the difference in points and its 95% bootstrap interval over
+    questions, and the p-value: exact McNemar for one repeat (lost: right in first only; gained: second);
+    for pooled repeats, a sign-flip test on each question's difference summed over the repeats, since the
+    question is the unit (repeats of it are not independent evidence). Also each repeat's difference."""
     pairs = {q: list(zip(first[q], second[q])) for q in first}
-    per_question = [sum(b - a for a, b in p) / len(p) for p in pairs.values()]
+    per_question = [sum(b - a for a, b in p) for p in pairs.values()]  # summed over the repeats
+    repeats = len(next(iter(pairs.values())))
     lost = sum(a and not b for p in pairs.values() for a, b in p)
     gained = sum(b and not a for p in pairs.values() for a, b in p)
-    low, high = paired_bootstrap_ci(per_question)
-    return {"difference": 100 * sum(per_question) / len(per_question), "ci95": [100 * low, 100 * high],
-            "p": mcnemar_p(lost, gained), "lost": lost, "gained": gained, "questions": len(pairs)}
+    low, high = paired_bootstrap_ci([d / repeats for d in per_question])
+    by_repeat = [100 * sum(p[k][1] - p[k][0] for p in pairs.values()) / len(pairs) for k in range(repeats)]
+    return {"difference": 100 * sum(per_question) / (repeats * len(pairs)), "ci95": [100 * low, 100 * high],
+            "p": mcnemar_p(lost, gained) if repeats == 1 else sign_flip_p(per_question),
+            "lost": lost, "gained": gained, "questions": len(pairs), "repeats": repeats,
+            "by_repeat": by_repeat}
 
 def repeat_statistics(rounds):
-    """Mean and sample standard deviation of each run's accuracy over its repeats (--repeats)."""
+    """Mean and sample standard deviation of each run's accuracy over its distinct repeats (--repeats)."""
     accuracies = {}
-    for r in rounds:
+    for r in (r for r in rounds if "twin_of" not in r):
         accuracies.setdefault(r["name"], []).append(r["evaluation"]["accuracy"])
     return {name: {"accuracies": a, "mean": statistics.mean(a),
                    "sd": statistics.stdev(a) if len(a) > 1 else 0.0} for name, a in accuracies.items()}
 
 def verdict(c):
-    """The comparison in one plain sentence."""
-    words = "evidence of a difference" if c["p"] < 0.05 else "no evidence of a difference"
+    """The comparison in one plain sentence; one run's is about its test questions and its draw of samples."""
+    words = "a difference" if c["p"] < 0.05 else "no evidence of a difference"
+    scope = " over the repeats" if c.get("repeats", 1) > 1 else " for this draw of samples"
     return (f"{c['second']} vs {c['first']}: {c['difference']:+.1f} points, 95% CI [{c['ci95'][0]:+.1f}, "
-            f"{c['ci95'][1]:+.1f}], p = {c['p']:.2g}: {words}")
+            f"{c['ci95'][1]:+.1f}], p = {c['p']:.2g}: {words}{scope}")
 
 def paired_comparisons(out, rounds):
-    """Each trained run against the backbone, then each pair of runs, from their prediction files; the
-    repeats of a run (--repeats) are pooled."""
+    """Each trained run against the backbone, then each pair of runs, from their prediction files. The
+    repeats of a run (--repeats) are pooled, each paired with the other run's same repeat."""
     def correct(tag):
         rows = map(json.loads, (out / f"predictions_{tag}.jsonl").read_text(encoding="utf-8").splitlines())
         return {row["id"]: row["correct"] for row in rows}
-    runs = {}  # name: {question id: [correct in each repeat]}
-    for r in (r for r in rounds if (out / f"predictions_{r['tag']}.jsonl").exists()):
-        for q, c in correct(r["tag"]).items():
-            runs.setdefault(r["name"], {}).setdefault(q, []).append(c)
+    runs = {}  # name: {repeat: {question id: correct}}
+    for r in (r for r in rounds if "twin_of" not in r and (out / f"predictions_{r['tag']}.jsonl").exists()):
+        runs.setdefault(r["name"], {})[r.get("repeat", 1)] = correct(r["tag"])
     backbone = correct("backbone")
-    comparisons = [{"first": "backbone", "second": name,
-                    **paired_difference({q: [c] * len(run[q]) for q, c in backbone.items()}, run)}
-                   for name, run in runs.items()]
-    for first, second in itertools.combinations(runs, 2):
-        comparisons.append({"first": first, "second": second, **paired_difference(runs[first], runs[second])})
-    return comparisons
+    def paired(first, second):  # the repeats both have, as {question id: [correct in each repeat]}
+        both = sorted(set(first) & set(second))
+        return [{q: [run[k][q] for k in both] for q in backbone} for run in (first, second)]
+    pairs = [("backbone", name) for name in runs] + list(itertools.combinations(runs, 2))
+    runs["backbone"] = {k: backbone for run in runs.values() for k in run}  # the same in every repeat
+    return [{"first": first, "second": second, **paired_difference(*paired(runs[first], runs[second]))}
+            for first, second in pairs]
 
 
 # -----------------------------------------------------------------------------
@@ -2271,26 +2305,26 @@ def min_mean_max(values):
         return {"min": None, "mean": None, "max": None}
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
-def worked_example(scored, n):
-    """The first kept question whose answers partly agree: it shows clusters, H and w at work."""
-    kept = [s for s in scored if s["kept"]]
-    middle = [s for s in kept if 0 < s["entropy"] < math.log2(n) - 1e-9]
-    s = (middle or kept)[0]
-    return {"question": s["question"], "gold": s["gold"], "clusters": s["clusters"],
-            "entropy": s["entropy"], "weight": s["weight"]}
-
-def round_report(tag, name, alpha, scored, examples, evaluation, args):
+def round_report(planned, scored, examples, evaluation, args):
     """A round's entry in results.json: its evaluation, counts, entropy and weight statistics, the worked
-    example and the (u, w) points of the weights chart. name is the tag without a repeat's _rK."""
+    example, the (u, w) points of the weights chart, and a fingerprint of its training (the examples of
+    each step: two rounds with the same one trained alike). Its name is the tag without a repeat's _rK."""
     kept = [s for s in scored if s["kept"]]
     entropies, weights = [s["entropy"] for s in scored], [s["weight"] for s in kept]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
     truncated = sum(s["truncated"] for s in scored) / (len(scored) * args.num_samples)
-    return {"tag": tag, "name": name, "alpha": alpha, "evaluation": evaluation, "examples": len(examples),
+    # The worked example: the first kept question whose answers partly agree shows clusters, H and w at work.
+    example = ([s for s in kept if 0 < s["entropy"] < math.log2(args.num_samples) - 1e-9] or kept)[0]
+    steps = [sorted(json.dumps(examples[i], sort_keys=True) for i in indices)
+             for indices in batch_order(len(examples), args.batch_size, args.epochs, args.seed)]
+    return {"tag": planned.tag, "name": planned.name, "alpha": planned.alpha, "repeat": planned.repeat,
+            "evaluation": evaluation, "examples": len(examples),
+            "training": f"{zlib.crc32(json.dumps(steps).encode()):08x}",
             "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
-                       "partial_agreement": partial, "truncated_samples": truncated},
+                       "partial_agreement": partial, "truncated_samples": truncated,
+                       "zero_weight": sum(w == 0 for w in weights)},
             "entropy": min_mean_max(entropies), "weights": min_mean_max(weights),
-            "example": worked_example(scored, args.num_samples),
+            "example": {k: example[k] for k in ("question", "gold", "clusters", "entropy", "weight")},
             "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
 
 def summarise(report, out):
@@ -2327,6 +2361,10 @@ def summarise(report, out):
             f"example          {ex['question'][:90]!r}",
             f"                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, "
             f"w = {ex['weight']:.2f} (a={first['alpha']:g})"]
+        firsts = {r["alpha"]: r for r in reversed(report["rounds"])}  # each alpha's first round
+        lines += [f"weight 0         {r['counts'].get('zero_weight', 0)} of the {r['counts']['kept']} kept "
+                  f"questions have u = 0 (with entropy: every answer alike), so w = 0 at a={a:g}"
+                  for a, r in sorted(firsts.items()) if a > 0 and config["mapping"] == "power"]
     else:
         lines.append("no round trained (see the warnings above): the backbone alone")
     lines += [
@@ -2341,9 +2379,18 @@ def summarise(report, out):
     if config["repeats"] > 1:
         lines.append(f"over {config['repeats']} repeats  " + ", ".join(
             f"{name} {100 * s['mean']:.1f} ± {100 * s['sd']:.1f}%" for name, s in report["repeats"].items()))
+    pooled = config["repeats"] > 1
     lines.append(f"paired on the same questions (95% CI: {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of the "
-                 f"questions; p: exact McNemar)")
-    lines += [f"  {verdict(c)} ({c['gained']} gained, {c['lost']} lost)" for c in report["comparisons"]]
+                 f"questions; p: " + ("a sign-flip test on each question's difference over the repeats)"
+                                      if pooled else "exact McNemar)"))
+    for c in report["comparisons"]:  # with repeats, also how the difference varied between them
+        d = c.get("by_repeat", [0])
+        lines.append(f"  {verdict(c)} ({c['gained']} gained, {c['lost']} lost" + (
+            f"; by repeat {statistics.mean(d):+.1f} ± {statistics.stdev(d):.1f} points, "
+            f"{sum(x > 0 for x in d)} up, {sum(x < 0 for x in d)} down)" if len(d) > 1 else ")"))
+    if not pooled and report["comparisons"]:
+        lines.append("  (one seed is one draw of samples, and the samples decide what is trained; these "
+                     "intervals cover the test questions, not that draw: --repeats K draws K)")
     lines.append("phase                      seconds    tokens   tokens/s  of FLOP bound  peak MB")
     lines += [f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
               f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"

@@ -7,6 +7,7 @@ marked slow: `pytest -m "not slow" test_east.py` checks the method and the grade
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -417,7 +418,9 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path, cap
     assert comparison["lost"] == sum(b["correct"] > a["correct"] for b, a in zip(before, after))
     assert comparison["difference"] == pytest.approx(100 * (trained["evaluation"]["accuracy"]
                                                             - results["backbone"]["accuracy"]))
-    assert east.verdict(comparison) in shown
+    assert east.verdict(comparison) in shown and "one seed is one draw of samples" in shown
+    zero = sum(s["weight"] == 0 for s in kept)  # a = 2: a kept question whose answers all agree weighs 0
+    assert f"weight 0         {zero} of the {len(kept)} kept questions have u = 0" in shown
     steps = read_jsonl(out / "train_log_alpha2.jsonl")
     assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
     assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
@@ -537,11 +540,14 @@ def test_preference_losses_run_end_to_end(tiny_model, sevens_file, tmp_path, los
 
 @pytest.mark.slow
 def test_repeats_train_each_alpha_again_and_pool_the_comparisons(tiny_model, sevens_file, tmp_path):
+    # --same-samples: the repeats share one sample set and differ only in their training seed.
     out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--alpha", "0", "1", "--repeats", "2")) == 0
+    argv = tiny_argv(tiny_model, sevens_file, out, "--alpha", "0", "1", "--repeats", "2", "--same-samples")
+    assert east.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    tags = ["alpha0_r1", "alpha0_r2", "alpha1_r1", "alpha1_r2"]
+    tags = ["alpha0_r1", "alpha1_r1", "alpha0_r2", "alpha1_r2"]  # each repeat trains every alpha in turn
     assert [r["tag"] for r in results["rounds"]] == tags
+    assert not any("twin_of" in r for r in results["rounds"])
     assert len(read_jsonl(out / "samples.jsonl")) == 8 and not list(out.glob("samples_*"))  # sampled once
     for name in ("alpha0", "alpha1"):
         accuracies = [r["evaluation"]["accuracy"] for r in results["rounds"] if r["name"] == name]
@@ -560,6 +566,27 @@ def test_repeats_train_each_alpha_again_and_pool_the_comparisons(tiny_model, sev
     ]
     last = results["comparisons"][-1]
     assert (last["gained"], last["lost"]) == (sum(a < b for a, b in pooled), sum(a > b for a, b in pooled))
+
+
+@pytest.mark.slow
+def test_repeats_draw_their_own_samples_and_pool_over_questions(tiny_model, sevens_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, "--repeats", "3")) == 0
+    draws = [{r["id"]: r["responses"] for r in read_jsonl(out / name)}
+             for name in ("samples.jsonl", "samples_r2.jsonl", "samples_r3.jsonl")]
+    assert all(len(draw) == 8 for draw in draws)
+    assert len({json.dumps(draw, sort_keys=True) for draw in draws}) == 3  # three different sample sets
+    results = json.loads((out / "results.json").read_text())
+    assert [r["tag"] for r in results["rounds"]] == ["alpha1_r1", "alpha1_r2", "alpha1_r3"]
+    backbone = {r["id"]: r["correct"] for r in read_jsonl(out / "predictions_backbone.jsonl")}
+    trained = [{r["id"]: r["correct"] for r in read_jsonl(out / f"predictions_alpha1_r{k}.jsonl")}
+               for k in (1, 2, 3)]
+    per_question = [sum(run[q] - backbone[q] for run in trained) for q in backbone]
+    (comparison,) = results["comparisons"]  # pooled: a sign-flip test over questions, not McNemar
+    assert comparison["repeats"] == 3 and comparison["p"] == pytest.approx(east.sign_flip_p(per_question))
+    assert comparison["by_repeat"] == pytest.approx([100 * (sum(run.values()) - sum(backbone.values())) / 2
+                                                     for run in trained])
+    assert "by repeat" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -2112,6 +2139,71 @@ def test_mcnemar_hand_values():
     assert east.mcnemar_p(9, 1) == east.mcnemar_p(1, 9)
     assert east.mcnemar_p(4, 4) == 1.0 and east.mcnemar_p(0, 0) == 1.0
     assert east.mcnemar_p(0, 6) == pytest.approx(2 / 64)
+
+
+def test_sign_flip_test_hand_values():
+    assert east.sign_flip_p([1, 1, 1, 0]) == 0.25  # 2 of the 8 flips of three 1s reach |3|
+    assert east.sign_flip_p([]) == 1.0 and east.sign_flip_p([0, 0, 0]) == 1.0
+    # Each question's gains minus losses over 3 repeats. Observed sum 6, of at most 3+1+2+1+1 = 8: a sum of
+    # 6 or more needs every sign kept (8) or one of the three 1s flipped (6), so 4 of the 32 flips, and as
+    # many at -6 or below: p = 8/32.
+    table = [3, -1, 2, 0, 1, 1]
+    assert east.sign_flip_p(table) == 0.25
+    nonzero = [d for d in table if d]  # the same, enumerating every flip
+    sums = [sum(s * d for s, d in zip(signs, nonzero)) for signs in itertools.product((1, -1), repeat=5)]
+    assert east.sign_flip_p(table) == sum(abs(s) >= abs(sum(table)) for s in sums) / 32
+    for lost, gained in [(0, 3), (1, 9), (3, 3), (2, 10)]:  # one run's 0/1 grades: McNemar's p
+        differences = [-1] * lost + [1] * gained + [0] * 5
+        assert east.sign_flip_p(differences) == pytest.approx(east.mcnemar_p(lost, gained))
+
+
+def test_pooled_repeats_count_each_question_once():
+    first = {f"q{i}": [i < 10] for i in range(40)}
+    second = {f"q{i}": [i < 18 and i != 3] for i in range(40)}  # 8 gained, 1 lost
+    one = east.paired_difference(first, second)
+    assert one["p"] == east.mcnemar_p(1, 8) and one["repeats"] == 1
+    for k in (2, 5):  # K identical repeats: the p-value of one run, not a smaller one
+        copies = east.paired_difference({q: c * k for q, c in first.items()},
+                                        {q: c * k for q, c in second.items()})
+        assert copies["p"] == pytest.approx(one["p"]) and copies["repeats"] == k
+        assert (copies["difference"], copies["ci95"]) == (one["difference"], one["ci95"])
+        assert copies["by_repeat"] == [one["difference"]] * k
+    # Differences that cancel across repeats: up in the first repeat, down in the second.
+    c = east.paired_difference({f"q{i}": [False, True] for i in range(20)},
+                               {f"q{i}": [True, False] for i in range(20)})
+    assert (c["p"], c["difference"], c["by_repeat"]) == (1.0, 0.0, [100.0, -100.0])
+
+
+def test_a_repeat_that_trains_like_an_earlier_one_counts_once(tmp_path, capsys):
+    scored = east.score_questions(hand_made_records(), 1.0)
+    examples = [{"sequence": {"input_ids": [i], "labels": [i]}, "weight": 1.0} for i in range(3)]
+
+    def entry(tag, repeat, seed, batch_size):
+        planned = types.SimpleNamespace(tag=tag, name="alpha1", alpha=1.0, repeat=repeat)
+        args = argparse.Namespace(num_samples=4, weighting="entropy", batch_size=batch_size, epochs=2,
+                                  seed=seed)
+        return east.round_report(planned, scored, examples, {"accuracy": 0.5}, args)
+
+    # One batch holds every example, so another seed's shuffle trains the same; batches of one do not.
+    rounds = [entry("alpha1_r1", 1, 0, 8), entry("alpha1_r2", 2, 1000, 8), entry("alpha1_r3", 3, 0, 1)]
+    assert rounds[0]["training"] == rounds[1]["training"] != rounds[2]["training"]
+    assert entry("x", 1, 0, 1)["training"] != entry("x", 1, 1, 1)["training"]  # other shuffles
+    folder = east.RunFolder(east.build_parser().parse_args(["--output-dir", str(tmp_path), "--repeats", "3"]))
+    for tag in ("backbone", "alpha1_r1", "alpha1_r2", "alpha1_r3"):
+        row = {"id": "test-0", "correct": tag != "backbone"}
+        write(tmp_path / f"predictions_{tag}.jsonl", json.dumps(row) + "\n")
+    try:
+        with folder.recording({"accuracy": 0.0}, 0, types.SimpleNamespace(figures=dict)) as report:
+            for r in rounds:
+                folder.add_round(r, scored)
+    finally:
+        east.HELD_LOCKS.pop().close()
+    printed = capsys.readouterr().out
+    assert "[alpha1_r2] trained exactly as alpha1_r1 (the same chosen paths and batches)" in printed
+    assert [r.get("twin_of") for r in report["rounds"]] == [None, "alpha1_r1", None]
+    assert report["repeats"]["alpha1"]["accuracies"] == [0.5, 0.5]  # the copy is left out
+    (comparison,) = report["comparisons"]
+    assert comparison["repeats"] == 2 and comparison["by_repeat"] == [100.0, 100.0]
 
 
 def test_paired_difference_and_bootstrap_interval():
