@@ -768,7 +768,9 @@ def stated_answer(text):
     """What follows the last answer phrase: "Final Answer: The final answer is $5$." -> "5" (the Minerva
     format repeats the phrase); a box there is opened, and an empty one is no answer."""
     phrases = list(ANSWER_PHRASE.finditer(text))
-    m = phrases and FINAL_ANSWER.match(text, phrases[-1].start())
+    tail = text[phrases[-1].start():] if phrases else ""
+    # Each whitespace run as one character (a newline if it holds one): FINAL_ANSWER is quadratic in a run.
+    m = FINAL_ANSWER.match(re.sub(r"\s+", lambda run: "\n" if "\n" in run[0] else " ", tail))
     if not m:
         return None
     answer = m.group(1).strip("$ ")
@@ -783,7 +785,7 @@ UNIT_WORDS = r"[a-zA-Z]+(?: [a-zA-Z]+)*"
 
 def normalise_answer(answer):
     """Strip the notation that does not change an answer's meaning (money, degrees, spacing, units...)."""
-    s = unicodedata.normalize("NFKC", answer).replace("\u2212", "-")
+    s = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", answer).replace("\u2212", "-"))  # linear time below
     s = re.sub(r"\\(left|right)(?![a-zA-Z])", "", s)
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # a LaTeX space, but not the end of a row break \\
     for old, new in LATEX_NOISE:
@@ -1747,8 +1749,8 @@ class RunFolder:
 
     def save_model(self, model, tokenizer, tag):
         if is_main():
-            model.save_pretrained(self / f"model_{tag}")
-            tokenizer.save_pretrained(self / f"model_{tag}")
+            for part in (model, tokenizer):
+                part.save_pretrained(self / f"model_{tag}")
             print(f"saved the trained model to {self / f'model_{tag}'}")
 
     def checkpoint(self, tag):  # training a round anew makes its predictions void
@@ -2022,8 +2024,7 @@ class PhaseTimer:
     the model's flops_per_token (set once it is loaded) against the matmul rate measured here."""
 
     def __init__(self, device):
-        self.device, self.phases = device, {}
-        self.flops_per_second = matmul_flops_per_second(device)
+        self.device, self.phases, self.flops_per_second = device, {}, matmul_flops_per_second(device)
         self.flops = dict.fromkeys(("prompt", "generated", "trained"), 0)
 
     @contextlib.contextmanager

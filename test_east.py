@@ -1205,6 +1205,35 @@ def test_pathological_answers_return_promptly(text):
         signal.signal(signal.SIGALRM, previous)
 
 
+
+WHITESPACE_RUNS = {"spaces": " " * 100_000, "tabs": "\t" * 100_000, "newlines": "\n" * 100_000,
+                   "mixed": " \t\n " * 25_000}
+
+
+@pytest.mark.parametrize("run", WHITESPACE_RUNS.values(), ids=WHITESPACE_RUNS)
+def test_the_grader_takes_linear_time_on_long_whitespace_runs(run):
+    # Degenerating models emit long runs of whitespace. A regex that tries such a run once per character
+    # takes minutes at 100,000 characters (quadratic); in linear time all of this takes milliseconds.
+    texts = ["1" + run + "a!", "the answer is 1" + run + "x", "the answer is" + run, "\\boxed{1" + run + "2}",
+             "#### 1" + run + "x", "#### " + run, run, "Final Answer: The final answer is $" + run + "$."]
+    def hung(signum, frame):
+        raise AssertionError("still working after 20 s: quadratic (or worse) in the whitespace run")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # a watchdog against the quadratic blow-up, not a speed target
+    try:
+        for text in texts:
+            east.canonical_answer.cache_clear()
+            for dataset, ended in (("gsm8k", True), ("math", True), ("gsm8k", False)):
+                answer = east.extract_answer(text, dataset, ended)
+                assert answer is None or isinstance(answer, str)
+            east.stated_answer(text), east.last_boxed(text), east.parse_number(east.normalise_answer(text))
+            assert east.is_equiv(text, text) is (east.canonical_answer(text) is not None)
+            east.answer_entropy([text, "1", None])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # -----------------------------------------------------------------------------
 # Scale: several processes, FSDP, vLLM
 
