@@ -743,7 +743,7 @@ ANSWER_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)", re.IGNOREC
 FINAL_ANSWER = re.compile(ANSWER_PHRASE.pattern + r"\s*:?\s*"
                           r"(\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]|.+?)\s*(?:\.(?:\s|$)|\n|$)",
                           re.IGNORECASE)
-NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")  # 1e999999 whole, not its 999999
 
 def extract_answer(text, dataset="gsm8k", ended=True):
     """The final answer of a response, or None: the last \\boxed{}, else "the answer is ...";

@@ -985,6 +985,8 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     ("So the answer is $3.5$", "math", "3.5"),
     ("The answer is: x = 2.5 meters. Done", "math", "x = 2.5 meters"),  # to the end of the sentence
     ("#### 5\nlater text #### 6", "gsm8k", "5"),  # the first ####
+    ("#### 1e999999", "gsm8k", "1e999999"),  # a number with an exponent is read whole, or not at all
+    ("so 2.5e3 pens", "gsm8k", "2.5e3"),
     ("\\boxed{x}\nThe answer is 4", "math", "x"),  # a box outranks a stated answer
     ("The final answer is: 13 - 13 = 0", "gsm8k", "0"),  # numeric questions take the last number
     ("the answer is based on the sum. It makes 5", "gsm8k", "5"),  # no number stated: last number
