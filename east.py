@@ -256,8 +256,6 @@ def run(args):
     train_questions, test_questions = load_questions(args)
     use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    print(f"data: {len(train_questions)} training and {len(test_questions)} test questions "
-          f"from {args.dataset}")
     timed = PhaseTimer(device)  # measures the matmul rate, once the input is known to be good
     with timed("load model"):
         model, tokenizer = load_model(args.model, device)
@@ -1611,7 +1609,9 @@ def load_questions(args):
     if any(repeated.values()):
         print("data: warning: " + ", ".join(f"{n} {what}" for what, n in repeated.items() if n)
               + " (kept as given)")
-    return splits["train"], splits["test"]
+    train, test = splits["train"], splits["test"]
+    print(f"data: {len(train)} training and {len(test)} test questions from {args.dataset}")
+    return train, test
 
 
 # -----------------------------------------------------------------------------
