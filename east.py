@@ -1717,8 +1717,8 @@ class RunFolder:
         self.args, self.path, self.holds = args, Path(args.output_dir), None  # holds: see weights_of
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self / f".write-test{rank()}").write_text("ok")
-            (self / f".write-test{rank()}").unlink()
+            (self / f".write-test{os.getpid()}").write_text("ok")  # its own name: runs may start together
+            (self / f".write-test{os.getpid()}").unlink()
         except OSError as e:
             raise UsageError(f"cannot write to --output-dir {self.path}: {e.strerror}; choose another "
                              f"folder") from None
@@ -1828,9 +1828,8 @@ class RunFolder:
         self.write("results.json", json.dumps(self.report, indent=2) + "\n")
 
 class Checkpoint:
-    """A round's training checkpoint at path (None: none is kept): the weights, AdamW, scheduler, loss scaler
-    and random state and the step, so that training goes on exactly where it stopped. Training that starts
-    or resumes makes the stale file (predictions of earlier weights) void."""
+    """A round's training checkpoint at path (None: none): weights, AdamW, scheduler, scaler, random state
+    and step, so training goes on exactly where it stopped. Training anew voids `stale` (old predictions)."""
 
     def __init__(self, path, stale=None):
         self.path, self.stale, self.state = path, stale, None
