@@ -1240,26 +1240,18 @@ def test_the_grader_takes_linear_time_on_long_whitespace_runs(run):
 # Scale: several processes, FSDP, vLLM
 
 
-def launch_two_processes(argv, kind="--multi_gpu"):
+def two_processes(kind="--multi_gpu"):
+    """The command that starts east.py as two processes under accelerate launch, on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        kind,
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-    ]
-    return subprocess.run([*launch, east.__file__, *argv], capture_output=True, text=True, timeout=300)
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", kind, "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), east.__file__]
+
+
+def launch_two_processes(argv, kind="--multi_gpu"):
+    return subprocess.run([*two_processes(kind), *argv], capture_output=True, text=True, timeout=300)
 
 
 def by_question(records):
@@ -1344,27 +1336,8 @@ def test_sharded_training_resumes_from_its_checkpoint(tiny_model, sevens_file, t
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"
     argv = tiny_argv(tiny_model, sevens_file, out, *flags)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--use_fsdp",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-    ]
-    run = subprocess.Popen(
-        [*launch, east.__file__, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    run = subprocess.Popen([*two_processes("--use_fsdp"), *argv], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
 
     def mid_training():
         return lines_of(out / "train_log_alpha1.jsonl") >= 2 and (out / "checkpoint_alpha1.pt").exists()
@@ -1444,28 +1417,14 @@ def stand_in_vllm(engines):
             args = argparse.Namespace(engine="transformers", max_new_tokens=params.max_tokens,
                                       temperature=params.temperature or 1.0, top_p=params.top_p)
             texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
-            responses, ended = east.generate(
-                self.model,
-                self.tokenizer,
-                texts,
-                params.n,
-                args,
-                greedy=params.temperature == 0,
-                seeds=[p.seed for p in all_params],
-            )
-            return [
-                types.SimpleNamespace(
-                    outputs=[
-                        types.SimpleNamespace(
-                            text=text,
-                            token_ids=self.tokenizer(text)["input_ids"],
-                            finish_reason="stop" if stopped else "length",
-                        )
-                        for text, stopped in zip(group, group_ended)
-                    ]
-                )
-                for group, group_ended in zip(responses, ended)
-            ]
+            seeds = [p.seed for p in all_params]
+            responses, ended = east.generate(self.model, self.tokenizer, texts, params.n, args,
+                                             greedy=params.temperature == 0, seeds=seeds)
+            outputs = [[types.SimpleNamespace(text=text, token_ids=self.tokenizer(text)["input_ids"],
+                                              finish_reason="stop" if stopped else "length")
+                        for text, stopped in zip(group, group_ended)]
+                       for group, group_ended in zip(responses, ended)]
+            return [types.SimpleNamespace(outputs=samples) for samples in outputs]
 
         def shutdown(self):
             self.running = False
@@ -1958,24 +1917,8 @@ def test_a_run_killed_anywhere_finishes_on_rerun_with_nothing_twice_or_missing(t
         ),
     )
     out = tmp_path / "out"
-    argv = tiny_argv(
-        tiny_model,
-        questions,
-        out,
-        "--alpha",
-        "0",
-        "1",
-        "--gen-batch-size",
-        "1",
-        "--num-samples",
-        "2",
-        "--batch-size",
-        "2",
-        "--epochs",
-        "4",
-        "--save-every",
-        "1",
-    )
+    argv = tiny_argv(tiny_model, questions, out, "--alpha", "0", "1", "--gen-batch-size", "1",
+                     "--num-samples", "2", "--batch-size", "2", "--epochs", "4", "--save-every", "1")
     ready = {"sampling": lambda: lines_of(out / "samples.jsonl") >= 3,
              "training": lambda: (out / "checkpoint_alpha1.pt").exists(),
              "evaluation": lambda: lines_of(out / "predictions_alpha1.jsonl") >= 1}[phase]
@@ -2149,13 +2092,8 @@ def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
             "--output-dir", str(tmp_path)]
     assert east.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["phases"])[:5] == [
-        "sample (batched)",
-        "sample (naive loop)",
-        "eval (greedy)",
-        "train (1 epoch)",
-        "peer: model.generate",
-    ]
+    assert list(report["phases"])[:5] == ["sample (batched)", "sample (naive loop)", "eval (greedy)",
+                                          "train (1 epoch)", "peer: model.generate"]
     for phase in report["phases"].values():
         assert phase["tokens"] > 0 and phase["peak_memory_mb"] > 0 and phase["share_of_flop_bound"] > 0
     assert report["sampling_speedup_vs_naive"] > 0
