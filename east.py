@@ -1727,8 +1727,9 @@ class RunFolder:
         checks = [(RESUME_KEYS, (self / "samples.jsonl").exists()),
                   (("eval_samples",), any(self.path.glob("predictions_*"))),
                   (ROUND_KEYS, any(self.path.glob("train_log_*")) or any(self.path.glob("checkpoint_*")))]
-        for keys, applies in checks:
-            changed = [k for k in keys if old is not None and applies and old.get(k) != vars(args).get(k)]
+        for keys, applies in checks:  # a flag missing from an older config.json was off (None, False, 0)
+            changed = [k for k in keys if old is not None and applies
+                       and (old.get(k) or None) != (vars(args).get(k) or None)]
             if changed:
                 flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
                 raise UsageError(f"{self.path} holds a run made with {flags}; use those flags to resume it, "
@@ -1885,11 +1886,10 @@ def open_loss_log(path, steps):
 
 def records_in_batches(path, questions, batch_size, label, make_records, num_samples=None):
     """Every question's record, in order, from path (JSONL): those it lacks are made by make_records(batch)
-    and appended batch by batch, so a rerun makes only what an interrupted run did not. With several
-    processes each makes every world_size-th batch into a file of its own, merged into path at the end."""
+    in batches of similar lengths (less padding), each appended when made: a rerun makes only what is
+    missing. With several processes each makes every world_size-th batch into its own file, merged after."""
     merge_process_files(path, questions, num_samples)  # any left by an interrupted multi-process run
     done = read_records(path, questions, num_samples)
-    # Similar lengths in a batch pad less.
     todo = sorted((q for q in questions if q["id"] not in done), key=lambda q: len(q["question"]))
     print(f"{label}: {len(done)} of {len(questions)} questions already in {path.name}"
           + ("; skipped" if not todo else f", {len(todo)} to go"))

@@ -1644,6 +1644,18 @@ def test_resuming_with_other_sampling_flags_is_refused(tiny_model, sevens_file, 
 
 
 @pytest.mark.slow
+def test_a_folder_from_before_a_flag_existed_resumes(tiny_model, sevens_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["same_samples"]  # as a version without --same-samples wrote it
+    write(out / "config.json", json.dumps(config))
+    capsys.readouterr()
+    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
+    assert "[alpha1] finished in an earlier run" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_bad_run_files_are_one_line_and_change_nothing(tiny_model, sevens_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
