@@ -2293,8 +2293,8 @@ def paired_comparisons(out, rounds):
         return [{q: [run[k][q] for k in both] for q in backbone} for run in (first, second)]
     pairs = [("backbone", name) for name in runs] + list(itertools.combinations(runs, 2))
     runs["backbone"] = {k: backbone for run in runs.values() for k in run}  # the same in every repeat
-    return [{"first": first, "second": second, **paired_difference(*paired(runs[first], runs[second]))}
-            for first, second in pairs]
+    return [{"first": a, "second": b, **paired_difference(*paired(runs[a], runs[b]))}
+            for a, b in pairs if set(runs[a]) & set(runs[b])]  # runs with repeats in common
 
 
 # -----------------------------------------------------------------------------
@@ -2376,10 +2376,10 @@ def summarise(report, out):
             last = report["rounds"][-1]["evaluation"][f"by_{field}"]
             lines.append(f"by {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
                                                        for g, a in backbone[f"by_{field}"].items()))
-    if config["repeats"] > 1:
+    pooled = config["repeats"] > 1
+    if pooled:
         lines.append(f"over {config['repeats']} repeats  " + ", ".join(
             f"{name} {100 * s['mean']:.1f} ± {100 * s['sd']:.1f}%" for name, s in report["repeats"].items()))
-    pooled = config["repeats"] > 1
     lines.append(f"paired on the same questions (95% CI: {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of the "
                  f"questions; p: " + ("a sign-flip test on each question's difference over the repeats)"
                                       if pooled else "exact McNemar)"))
