@@ -657,7 +657,7 @@ def evaluate(model, tokenizer, questions, args, path, label):
     def answer(batch):
         prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
         greedy = generate(model, tokenizer, prompts, 1, args, greedy=True)
-        sampled = [[None] * len(batch)] * 2
+        sampled = [[None] * len(batch)] * 2  # each question's samples and their ended flags: none yet
         if args.eval_samples:  # every model's maj@k samples draw the same numbers (question_seed)
             seeds = [question_seed(args, "evaluation", q) for q in batch]
             sampled = generate(model, tokenizer, prompts, args.eval_samples, args, seeds=seeds)
@@ -2300,9 +2300,7 @@ def paired_comparisons(out, rounds):
 # -----------------------------------------------------------------------------
 # Summary and charts
 
-def min_mean_max(values):
-    if not values:
-        return {"min": None, "mean": None, "max": None}
+def min_mean_max(values):  # a trained round's entropies or weights: never empty
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 def round_report(planned, scored, examples, evaluation, args):
@@ -2315,8 +2313,9 @@ def round_report(planned, scored, examples, evaluation, args):
     truncated = sum(s["truncated"] for s in scored) / (len(scored) * args.num_samples)
     # The worked example: the first kept question whose answers partly agree shows clusters, H and w at work.
     example = ([s for s in kept if 0 < s["entropy"] < math.log2(args.num_samples) - 1e-9] or kept)[0]
-    steps = [sorted(json.dumps(examples[i], sort_keys=True) for i in indices)
-             for indices in batch_order(len(examples), args.batch_size, args.epochs, args.seed)]
+    dumped = [json.dumps(e, sort_keys=True) for e in examples]  # once each, though every epoch uses them
+    order = batch_order(len(examples), args.batch_size, args.epochs, args.seed)
+    steps = [sorted(dumped[i] for i in indices) for indices in order]
     return {"tag": planned.tag, "name": planned.name, "alpha": planned.alpha, "repeat": planned.repeat,
             "evaluation": evaluation, "examples": len(examples),
             "training": f"{zlib.crc32(json.dumps(steps).encode()):08x}",
