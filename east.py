@@ -2178,13 +2178,13 @@ def benchmark(args):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
         dtype = compute_dtype(device)
-        config = SFTConfig(output_dir=str(out_dir / "trl"), num_train_epochs=1, learning_rate=args.lr,
-                           per_device_train_batch_size=args.micro_batch_size,
-                           gradient_accumulation_steps=max(1, args.batch_size // args.micro_batch_size),
-                           max_grad_norm=GRAD_CLIP, max_length=None, save_strategy="no",
-                           logging_strategy="no", report_to=[], use_cpu=device.type == "cpu",
-                           bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=args.seed)
-        with quiet(), timed("peer: TRL SFTTrainer"):  # its preparation of the data included, as is ours
+        with quiet(), timed("peer: TRL SFTTrainer"):  # its set-up included, as ours is
+            config = SFTConfig(output_dir=str(out_dir / "trl"), num_train_epochs=1, learning_rate=args.lr,
+                               per_device_train_batch_size=args.micro_batch_size,
+                               gradient_accumulation_steps=max(1, args.batch_size // args.micro_batch_size),
+                               max_grad_norm=GRAD_CLIP, max_length=None, save_strategy="no",
+                               logging_strategy="no", report_to=[], use_cpu=device.type == "cpu",
+                               bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=args.seed)
             rows = [{"prompt": render_prompt(tokenizer, q["question"]), "completion": q["answer"]}
                     for q in make_arith(BENCH_QUESTIONS, args.seed)]
             trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
