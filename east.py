@@ -1962,9 +1962,8 @@ def write_atomically(path, content):
 
 def read_records(path, questions, num_samples=None, cut="repair"):
     """Finished records of an earlier, possibly interrupted run by question id, each line checked whole
-    (parse_record). A last line cut off mid-write is left out: with cut="repair" also dropped from the file
-    (its question is redone), with "keep" the file is left as it is, with "refuse" it is an error (a file the
-    user gave). Any other problem is one line naming the file and line."""
+    (parse_record; a bad one is an error naming it). A last line cut off mid-write is left out; cut="repair"
+    also drops it from the file (its question is redone), "keep" leaves it, "refuse" makes it an error."""
     data = path.read_bytes() if path.exists() else b""
     complete = data[:data.rfind(b"\n") + 1]
     lines, questions, records = complete.split(b"\n")[:-1], {q["id"]: q["question"] for q in questions}, {}
@@ -2494,4 +2493,6 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()  # with several processes, all is written and the group left: the interpreter's teardown
+    sys.stdout.flush(), sys.stderr.flush()  # is skipped, where gloo's threads can abort a finished process
+    os._exit(code) if launched_as_several() else sys.exit(code)
