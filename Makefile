@@ -1,13 +1,17 @@
 # make run   backbone, vanilla (a=0) and EAST (a=1) on the bundled offline model and generated arithmetic,
 #            compared question by question (CPU, minutes)
+# make sweep the alpha sweep of the paper's Figure 3 (a = -1, 0, 1, 2) on make run's samples, in its folder
 # make test  the offline test suite
 # make bench speed of sampling, evaluation and training on the bundled model (not a test)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
+# make run's settings; how they were chosen is in the README ("How make run's settings were chosen")
+DEMO := --model smollm2-135m --dataset arith --train-size 160 --eval-size 100 --num-samples 4 \
+	--max-new-tokens 48 --temperature 0.3 --epochs 2 --batch-size 8 --micro-batch-size 4 --lr 1e-4
 
-.PHONY: install run test bench clean
+.PHONY: install run sweep test bench clean
 
 install: $(VENV)/.installed
 
@@ -18,9 +22,11 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 run: install
-	$(PY) east.py --model smollm2-135m --dataset arith --train-size 160 --eval-size 100 \
-		--num-samples 4 --max-new-tokens 80 --temperature 0.7 --alpha 0 1 \
-		--epochs 3 --batch-size 8 --micro-batch-size 4 --lr 1e-4 --output-dir $(RUN_DIR)
+	$(PY) east.py $(DEMO) --alpha 0 1 --output-dir $(RUN_DIR)
+
+# The same folder: the samples, the backbone and the rounds of a = 0 and 1 are make run's, reused.
+sweep: install
+	$(PY) east.py $(DEMO) --alpha -1 0 1 2 --output-dir $(RUN_DIR)
 
 test: install
 	$(PY) -m pytest -q test_east.py

@@ -10,7 +10,7 @@ For every training question x_i (only its gold final answer is used):
      H = 0 when all n answers agree, H = log2 n when all differ.
   4. Drop questions with no correct path (nothing to learn from).
   5. Map entropy to a weight with exponent a (--alpha): f(H) = H^a (power) or exp(a*H) (exp),
-     normalised over the kept questions: w_i = f(H_i) / mean_j f(H_j).
+     normalised over the training set, the examples the loss sees: w_i = f(H_i) / mean_j f(H_j).
      a > 0 favours uncertain questions, a = 0 is vanilla self-training (all w_i = 1).
   6. Fine-tune on one correct path per question with the weighted SFT loss
      L = sum_i w_i * CE_i / B, where CE_i is the mean cross-entropy over x_i's response tokens
@@ -24,6 +24,15 @@ Where this file departs from the authors' code:
   4. Each sequence's loss is weighted by its own w_i (weighted_sft_loss), not by the batch's mean weight.
   5. Prompt tokens stay masked out of the loss (tokenize_example); the end-of-turn token is learned.
   6. Answers are never executed: grading is string and exact-fraction work in the standard library.
+Where the paper is silent, this file decides (each is said where it is done):
+  7. "The training set" of step 5 is what the objective's loss sums over: the kept questions for SFT, the
+     questions with a pair for DPO, and for KTO its examples, so a question giving a desirable and an
+     undesirable example counts twice (score_questions). The mean weight is 1 over what is trained.
+  8. DPO's rejected path (and KTO's undesirable one) is a path that ended with a wrong answer, of the most
+     common such answer; a question without one has no pair. A path cut off, or with no answer, is never used.
+  9. With a < 0 the power mapping floors u at half the smallest u > 0 that n samples can give
+     (uncertainty_floor): 0^a would be infinite. When f(u) = 0 for every trained question (a > 0 and all
+     answers alike), the weights are uniform instead of 0/0: the round is vanilla, and the summary says so.
 
 The file reads in the paper's order: the method (steps 2-6), one round and the run (steps 1-7), the
 machinery they call (sampling, training, evaluation), the answer grader, scale (several processes,
@@ -79,26 +88,26 @@ def answer_entropy(answers):
 # -----------------------------------------------------------------------------
 # Mapping entropy to weights (step 5)
 
-# With a < 0, H = 0 would give 0^a = inf. Flooring H at 0.1 bits (below the smallest non-zero
-# entropy of up to 64 samples, 0.116 bits) keeps confident questions ranked first but finite.
+# With a < 0, u = 0 would give 0^a = inf: u is floored (uncertainty_floor). Called directly, the floor is
+# 0.1 bits, below the smallest non-zero entropy of up to 64 samples (0.116 bits).
 ENTROPY_FLOOR = 0.1
 # Beyond this the weights are already a one-hot on the most (or least) uncertain question; --alpha is
 # refused there, so every weight is finite.
 MAX_ALPHA = 1000.0
 
-def entropy_weights(entropies, alpha, mapping="power"):
-    """w_i = f(H_i) / mean_j f(H_j), with f(H) = H^a (power) or exp(a*H) (exp).
+def entropy_weights(entropies, alpha, mapping="power", floor=ENTROPY_FLOOR):
+    """w_i = f(H_i) / mean_j f(H_j), with f(H) = H^a (power) or exp(a*H) (exp), over the training set given.
     With the power mapping and a > 0, a question whose n answers all agree (H = 0) gets weight 0: EAST
-    then trains only on the questions the model is unsure of (the summary counts them).
+    then trains only on the questions the model is unsure of (the summary counts them). The power mapping
+    gives the same weights whatever the unit of H (bits or nats: a constant factor cancels in the ratio);
+    the exp mapping does not: exp(a*H) with H in bits is exp(a*ln2*H) in nats, so a means a per bit here.
     Example: entropy_weights([1.0, 2.0, 3.0], 1.0) == [0.5, 1.0, 1.5]; alpha=0 gives all 1."""
-    if not entropies:
-        return []
     if mapping == "power" and alpha == 0:
         return [1.0] * len(entropies)  # H^0 = 1, including 0^0: the vanilla baseline exactly
     if mapping == "exp":
         log_f = [alpha * h for h in entropies]  # log f(H_i)
     elif mapping == "power":
-        floor = ENTROPY_FLOOR if alpha < 0 else 0.0
+        floor = floor if alpha < 0 else 0.0
         log_f = [alpha * math.log(max(h, floor)) if max(h, floor) > 0 else -math.inf for h in entropies]
     else:
         raise ValueError(f"unknown mapping {mapping!r}")
@@ -107,11 +116,9 @@ def entropy_weights(entropies, alpha, mapping="power"):
     if any(math.isnan(x) or x == math.inf for x in log_f):  # alpha * H beyond a float: refused, not clamped
         raise ValueError(f"alpha {alpha:g} overflows the weights even in log space; "
                          f"use |alpha| <= {MAX_ALPHA:g}")
-    top = max(log_f)
-    if top == -math.inf:
-        print("warning: f(H) is 0 for every question (all answers agree); using uniform weights",
-              file=sys.stderr)
-        return [1.0] * len(entropies)
+    top = max(log_f, default=-math.inf)
+    if top == -math.inf:  # no question, or
+        return [1.0] * len(entropies)  # f(H) = 0 for every one (all H = 0, a > 0): uniform, not 0/0
     f = [math.exp(x - top) for x in log_f]
     mean_f = sum(f) / len(f)
     return [f_i / mean_f for f_i in f]
@@ -124,13 +131,24 @@ def entropy_weights(entropies, alpha, mapping="power"):
 UNCERTAINTY = {
     "entropy": lambda s: s["entropy"],  # H(x_i)
     "accuracy": lambda s: 1 - s["accuracy"],  # 1 - A(x_i), A = share of correct samples
-    "rejected": lambda s: s["rejected_share"],  # R(x_i), share of the most common wrong answer
+    "rejected": lambda s: s["rejected_share"],  # R(x_i), share of the most common wrong answer (or none)
 }
+# The training examples a kept question gives each objective (step 6): SFT its chosen path; DPO one pair,
+# if it has a rejected path; KTO its chosen path, and its rejected one as an undesirable example.
+EXAMPLES_PER_QUESTION = {"sft": lambda s: 1, "dpo": lambda s: int(s["rejected"] is not None),
+                         "kto": lambda s: 1 + (s["rejected"] is not None)}
 
-def score_questions(records, alpha, weighting="entropy", mapping="power", seed=0):
+def uncertainty_floor(weighting, n):
+    """Half the smallest u > 0 that n samples can give: u = 0 is floored there when a < 0, so it still ranks
+    first, apart from the next level. The smallest entropy is n - 1 answers alike and one other; the
+    smallest 1 - A and R is 1/n. Example: uncertainty_floor("accuracy", 16) == 1/32."""
+    return (answer_entropy(["1"] * (n - 1) + ["2"]) if weighting == "entropy" else 1 / n) / 2
+
+def score_questions(records, alpha, weighting="entropy", mapping="power", seed=0, loss="sft"):
     """Steps 2-5 on each sampled question: its answers and clusters, H, the share of correct samples A
-    and of the most common wrong answer R, a correct path (chosen) and a path of the most common wrong
-    answer (rejected); for the kept questions also the weight w_i = f(u_i) / mean_j f(u_j).
+    and of the most common wrong answer R, a correct path (chosen), a path that ended with the most common
+    wrong answer (rejected), and how many training examples it gives the objective (examples); for those
+    trained also the weight w_i = f(u_i) / mean_j f(u_j), the mean over the training examples.
     Example, n = 4 and gold 7: answers 7, 8, 7, 8 give H = 1 bit, A = 0.5, R = 0.5, kept, chosen a path
     answering 7 and rejected one answering 8; answers 8, 8, 9, 8 are dropped (no correct path)."""
     rng = random.Random(seed)  # the same paths for every alpha: sweeps differ only in w
@@ -142,21 +160,27 @@ def score_questions(records, alpha, weighting="entropy", mapping="power", seed=0
         keys = [canonical_answer(a) or NO_ANSWER for a in answers]  # step 2: the cluster of each path
         entropy = answer_entropy(answers)  # step 3
         correct = [i for i, a in enumerate(answers) if is_equiv(a, r["gold"])]
-        wrong = Counter(keys[i] for i in range(n) if i not in correct).most_common(1)  # unanswered is wrong
-        rejected = [i for i in range(n) if wrong and keys[i] == wrong[0][0]]
+        wrong = Counter(keys[i] for i in range(n) if i not in correct).most_common(1)  # R: no answer is wrong
+        # DPO's rejected path ended with a wrong answer: a path cut off, or with none, shows no wrong answer.
+        top = Counter(keys[i] for i in range(n) if ended[i] and keys[i] != NO_ANSWER and i not in correct)
+        rejected = [i for i in range(n) if ended[i] and top and keys[i] == top.most_common(1)[0][0]]
         # Step 4: a question with no correct path has nothing to teach. A path cut off mid-way is never
         # trained on, even with a right answer: with the end token appended it would teach stopping there.
         trainable = [i for i in correct if ended[i]]
-        scored.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "answers": answers,
-                       "clusters": cluster_answers(answers), "entropy": entropy,
+        scored.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "style": r["style"],
+                       "answers": answers, "clusters": cluster_answers(answers), "entropy": entropy,
                        "accuracy": len(correct) / n, "rejected_share": wrong[0][1] / n if wrong else 0.0,
                        "num_correct": len(correct), "truncated": n - sum(ended), "kept": bool(trainable),
                        "chosen": r["responses"][rng.choice(trainable)] if trainable else None,
                        "rejected": r["responses"][rng.choice(rejected)] if rejected else None})
-    kept = [s for s in scored if s["kept"]]
-    uncertainty = [UNCERTAINTY[weighting](s) for s in kept]  # u_i: H_i for EAST
-    for s, w in zip(kept, entropy_weights(uncertainty, alpha, mapping)):  # step 5
-        s["weight"] = w
+        scored[-1]["examples"] = EXAMPLES_PER_QUESTION[loss](scored[-1]) if trainable else 0
+    # Step 5 over the training set: each question once per example it gives, so the mean weight over the
+    # examples the loss sees is 1 at every alpha (a question trained twice by KTO counts twice).
+    trained = [s for s in scored for _ in range(s["examples"])]
+    floor = uncertainty_floor(weighting, max((len(r["responses"]) for r in records), default=1))
+    uncertainty = [UNCERTAINTY[weighting](s) for s in trained]  # u_i: H_i for EAST
+    for s, w in zip(trained, entropy_weights(uncertainty, alpha, mapping, floor)):
+        s["weight"] = w  # the same w for both of a KTO question's examples
     return scored
 
 
@@ -211,35 +235,33 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
 
 def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, folder, timed):
     """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate. Returns (the
-    trained model, the scored questions, the training examples, the evaluation), or None: nothing to train."""
-    scored = score_questions(records, alpha, args.weighting, args.mapping, args.seed)  # steps 2-5
-    folder.write(f"weights_{tag}.jsonl", [{k: v for k, v in s.items() if k != "question"} for s in scored])
+    trained model, the scored questions, the evaluation), or None: nothing to train."""
+    scored = score_questions(records, alpha, args.weighting, args.mapping, args.seed, args.loss)  # steps 2-5
+    folder.write(f"weights_{tag}.jsonl", "".join(json.dumps({k: v for k, v in s.items() if k != "question"})
+                                                 + "\n" for s in scored))
     kept = [s for s in scored if s["kept"]]
-    print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: no correct answer")
-    if not kept:
-        print(f"[{tag}] warning: no training question has a correct sample (all {len(scored)} dropped; "
-              f"samples are in {folder.path}), so there is nothing to train; use a larger --num-samples, "
-              f"easier data or a stronger --model")
-        return None
-    weights = [s["weight"] for s in kept]
-    print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}): min {min(weights):.2f} "
-          f"max {max(weights):.2f}")
+    no_path = sum(s["num_correct"] == 0 for s in scored)  # the others dropped were right but never finished
+    print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: {no_path} with no "
+          f"correct path, {len(scored) - len(kept) - no_path} whose correct paths were all cut off")
     examples = build_examples(tokenizer, scored, args.loss)
     if not examples:
-        print(f"[{tag}] warning: --loss {args.loss} needs questions with both a correct and a wrong sample, "
-              f"and none has, so there is nothing to train; use --loss sft or a larger --num-samples")
+        print(f"[{tag}] warning: nothing to train: no question has a correct path that ended" + (
+            f", and one that ended with a wrong answer (--loss {args.loss} trains pairs)" if kept else "") +
+            f"; samples are in {folder.path}. Try a larger --num-samples or --max-new-tokens, easier data, a "
+            f"stronger --model" + (" or --loss sft" if kept else ""))
         return None
+    weights = [e["weight"] for e in examples]
+    print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}) of the {len(examples)} training "
+          f"examples: min {min(weights):.2f} max {max(weights):.2f} mean {sum(weights) / len(weights):.2f}")
     with timed(f"train {tag}"):  # step 6
         model = train(model, tokenizer, examples, args, folder / f"train_log_{tag}.jsonl",
                       folder.checkpoint(tag))
     if args.save_model:
         folder.save_model(model, tokenizer, tag)
     with timed(f"eval {tag}"):  # step 7
-        evaluation = evaluate(model, tokenizer, test_questions, args, folder / f"predictions_{tag}.jsonl",
-                              tag)
-    print(f"[{tag}] accuracy: {100 * evaluation['accuracy']:.1f}% "
-          f"({evaluation['correct']}/{evaluation['total']})")
-    return model, scored, examples, evaluation
+        result = evaluate(model, tokenizer, test_questions, args, folder / f"predictions_{tag}.jsonl", tag)
+    print(f"[{tag}] accuracy: {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']})")
+    return model, scored, result
 
 def run(args):
     """The whole loop: sample once, evaluate the backbone, then a self-training round per alpha (and
@@ -251,7 +273,7 @@ def run(args):
     torch.manual_seed(args.seed)  # Python's random numbers come from random.Random(seed) where they are used
     use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    timed = PhaseTimer(device)  # measures the matmul rate, once the input is known to be good
+    timed = PhaseTimer(device, folder / "timings.jsonl")  # measures the matmul rate, once the input is good
     with timed("load model"):
         model, tokenizer = load_model(args.model, device)
     timed.flops = flops_per_token(model)
@@ -275,27 +297,22 @@ def run(args):
 
     # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
     # with the trained model and train again (iterative self-training). --repeats K replicates it all:
-    # each repeat draws its own samples with its own seed (with --same-samples, only its training seed).
+    # each repeat draws its own samples with its own seed (with --same-samples, only its training seed),
+    # with the backbone, once a round of it is to run.
     with folder.recording(backbone, too_long, timed) as report:  # results.json after every round
         for repeat in range(1, args.repeats + 1):
             round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
-            if repeat > 1 and not args.same_samples:  # step 1 again, with the backbone and this seed
-                model, tokenizer = folder.weights_of(None, model, tokenizer, device)
-                with timed(f"sample r{repeat}"):
-                    records = sample_responses(model, tokenizer, train_questions, round_args,
-                                               folder / f"samples_r{repeat}.jsonl")
-            for planned in folder.rounds_to_run(repeat):  # each alpha's chain of iterations, what is left
+            for planned in folder.rounds_to_run(repeat, round_args):  # each alpha's chain, what is left
                 model, tokenizer = folder.weights_of(planned.start, model, tokenizer, device)
-                round_records = records
-                if planned.iteration > 1:
-                    with timed(f"sample {planned.tag}"):
-                        round_records = sample_responses(model, tokenizer, train_questions, round_args,
-                                                         folder / f"samples_{planned.tag}.jsonl")
+                path, round_records = folder.samples_path(planned), records
+                if path.name != "samples.jsonl":  # step 1 again: a repeat's own draw, or the next iteration's
+                    with timed(f"sample {path.stem.removeprefix('samples_')}"):
+                        round_records = sample_responses(model, tokenizer, train_questions, round_args, path)
                 result = self_training_round(model, tokenizer, round_records, planned.alpha, planned.tag,
                                              test_questions, round_args, folder, timed)
                 if result is not None:
-                    model, scored, examples, evaluation = result
-                    folder.add_round(round_report(planned, scored, examples, evaluation, round_args), scored)
+                    model, scored, evaluation = result
+                    folder.add_round(round_report(planned, scored, evaluation, round_args))
     summarise(report, folder.path)
     leave_process_group()
     return report
@@ -306,11 +323,16 @@ def run(args):
 # -----------------------------------------------------------------------------
 # Sampling (step 1), also used for greedy evaluation
 
-# One prompt rendering for sampling, training and evaluation.
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# One prompt rendering for sampling, training and evaluation. A dataset's instruction is part of the data, by
+# its style: GSM8K, MATH and files get the paper's. The generated arith data asks for a short solution: the
+# bundled 135M model, asked to reason step by step, rambles on and is cut off at any short length limit
+# (93% of its paths at 80 new tokens; with this instruction most of them end: see the README).
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+INSTRUCTIONS = {"gsm8k": PAPER_INSTRUCTION, "math": PAPER_INSTRUCTION,
+                "arith": "Write one short line of calculation, then the final answer within \\boxed{}."}
 
-def render_prompt(tokenizer, question):
-    messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+def render_prompt(tokenizer, question, style="gsm8k"):
+    messages = [{"role": "user", "content": f"{question}\n{INSTRUCTIONS[style]}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 # Measured with the bundled model on a 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s.
@@ -323,7 +345,7 @@ def questions_per_call(model, args, device):
     GPU as many sequences as 40% of its free memory holds at full length (bf16 KV cache, fp32 logits and a
     few copies), at most 1024; with several processes the smallest of theirs: all cut the same batches."""
     if args.gen_batch_size != "auto":
-        return args.gen_batch_size
+        return int(args.gen_batch_size)
     if args.engine == "vllm":  # vLLM batches within a call itself; each call is one saved step of progress
         return max(1, VLLM_SEQUENCES_PER_CALL // args.num_samples)
     if device.type != "cuda":
@@ -428,11 +450,19 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=No
     starts = range(0, len(outputs), num_return)  # each prompt's samples
     return [texts[i:i + num_return] for i in starts], [ended[i:i + num_return] for i in starts]
 
+def generate_in_calls(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
+    """generate() in calls of at most as many sequences as a sampling call makes (--gen-batch-size x n), so
+    what fits in memory when sampling fits here too, whatever num_return is (maj@k's k, say)."""
+    size = max(1, args.gen_batch_size * args.num_samples // num_return)  # prompts per call
+    parts = [generate(model, tokenizer, prompts[i:i + size], num_return, args, greedy,
+                      seeds and seeds[i:i + size]) for i in range(0, len(prompts), size)]
+    return [texts for part in parts for texts in part[0]], [ended for part in parts for ended in part[1]]
+
 def sample_responses(model, tokenizer, questions, args, path):
     """Step 1: n responses per question, each question's drawn from its own seed (question_seed); kept in
     path (samples.jsonl) batch by batch, so an interrupted run resumes. Returns the records in order."""
     def sample(batch):
-        prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
+        prompts = [render_prompt(tokenizer, q["question"], q["style"]) for q in batch]
         seeds = [question_seed(args, path.name, q) for q in batch]
         responses, ended = generate(model, tokenizer, prompts, args.num_samples, args, seeds=seeds)
         return [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
@@ -443,32 +473,33 @@ def sample_responses(model, tokenizer, questions, args, path):
 # -----------------------------------------------------------------------------
 # Training (step 6): examples, then AdamW over weighted losses in micro-batches
 
-def tokenize_example(tokenizer, question, response):
+def tokenize_example(tokenizer, question, response, style="gsm8k"):
     """input_ids of prompt + response + EOS; labels -100 on the prompt so only the response is learned."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(render_prompt(tokenizer, question, style), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
 
 def build_examples(tokenizer, scored, loss):
-    """Training examples for the objective, each carrying its question's weight w_i.
-    sft: the chosen path. dpo: the pair (chosen, rejected); questions without a wrong answer have
-    no pair. kto: chosen and rejected paths unpaired (desirable / undesirable), each with a
-    mismatched partner, the prompt with another example's response, for KTO's reference point z0."""
-    kept = [s for s in scored if s["kept"]]
+    """Training examples for the objective, each carrying its question's weight w_i (score_questions gives
+    the questions it trains a weight). sft: the chosen path. dpo: the pair (chosen, rejected); a question
+    with no rejected path has no pair. kto: chosen and rejected paths unpaired (desirable / undesirable),
+    each with a mismatched partner, the prompt with another example's response, for KTO's reference
+    point z0."""
+    kept, trained = [s for s in scored if s["kept"]], [s for s in scored if s["examples"]]
+    def tokenized(s, response):  # the question's prompt, then the response
+        return tokenize_example(tokenizer, s["question"], response, s["style"])
     if loss == "sft":
-        return [{"sequence": tokenize_example(tokenizer, s["question"], s["chosen"]), "weight": s["weight"]}
-                for s in kept]
-    paired = [s for s in kept if s["rejected"] is not None]
-    print(f"{loss}: {len(kept) - len(paired)} of {len(kept)} kept questions have no wrong answer to reject")
+        return [{"sequence": tokenized(s, s["chosen"]), "weight": s["weight"]} for s in trained]
+    paired = [s for s in trained if s["rejected"] is not None]
+    print(f"{loss}: {len(kept) - len(paired)} of {len(kept)} kept questions have no path that ended with a "
+          f"wrong answer to reject" + (": no pair, not trained" if loss == "dpo" else ""))
     if loss == "dpo":
-        return [{"chosen": tokenize_example(tokenizer, s["question"], s["chosen"]),
-                 "rejected": tokenize_example(tokenizer, s["question"], s["rejected"]), "weight": s["weight"]}
-                for s in paired]
-    items = [(s, s["chosen"], True) for s in kept] + [(s, s["rejected"], False) for s in paired]
+        return [{"chosen": tokenized(s, s["chosen"]), "rejected": tokenized(s, s["rejected"]),
+                 "weight": s["weight"]} for s in paired]
+    items = [(s, s["chosen"], True) for s in trained] + [(s, s["rejected"], False) for s in paired]
     partners = items[1:] + items[:1]
-    return [{"sequence": tokenize_example(tokenizer, s["question"], response), "desirable": desirable,
-             "mismatched": tokenize_example(tokenizer, s["question"], other), "weight": s["weight"]}
-            for (s, response, desirable), (_, other, _) in zip(items, partners)]
+    return [{"sequence": tokenized(s, response), "desirable": desirable, "mismatched": tokenized(s, other),
+             "weight": s["weight"]} for (s, response, desirable), (_, other, _) in zip(items, partners)]
 
 def collate(sequences, pad_id, device):
     """Right-pad to the longest sequence: padding gets attention 0 and label -100."""
@@ -640,14 +671,14 @@ def evaluate(model, tokenizer, questions, args, path, label):
     appended batch by batch (resumable like sampling). Returns the accuracy report."""
     model.eval()
     def answer(batch):
-        prompts = [render_prompt(tokenizer, q["question"]) for q in batch]
-        greedy = generate(model, tokenizer, prompts, 1, args, greedy=True)
+        prompts = [render_prompt(tokenizer, q["question"], q["style"]) for q in batch]
+        greedy = generate_in_calls(model, tokenizer, prompts, 1, args, greedy=True)
         sampled = [[None] * len(batch)] * 2  # each question's samples and their ended flags: none yet
         if args.eval_samples:  # every model's maj@k samples draw the same numbers (question_seed)
             seeds = [question_seed(args, "evaluation", q) for q in batch]
-            sampled = generate(model, tokenizer, prompts, args.eval_samples, args, seeds=seeds)
+            sampled = generate_in_calls(model, tokenizer, prompts, args.eval_samples, args, seeds=seeds)
         return [prediction_row(q, *row) for q, *row in zip(batch, *greedy, *sampled)]
-    per_call = args.gen_batch_size * args.num_samples  # as many sequences per generate() as in sampling
+    per_call = args.gen_batch_size * args.num_samples  # greedy: as many sequences per call as in sampling
     rows = records_in_batches(path, questions, per_call, f"evaluating {label}", answer)
     return accuracy_report(rows, args.eval_samples)
 
@@ -683,7 +714,7 @@ def accuracy_report(rows, k=0):
         report[f"maj@{k}"] = share(r["majority_correct"] for r in rows)
         report[f"pass@{k}"] = share(r["any_correct"] for r in rows)
     for field in ("level", "subject"):
-        groups = sorted({r[field] for r in rows if field in r})
+        groups = sorted({r[field] for r in rows if field in r}, key=str)  # levels may be numbers or text
         if groups:
             report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r.get(field) == g)
                                      for g in groups}
@@ -729,12 +760,12 @@ FINAL_ANSWER = re.compile(ANSWER_PHRASE.pattern + r"\s*:?\s*"
 NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")  # 1e999999 whole, not its 999999
 
 def extract_answer(text, dataset="gsm8k", ended=True):
-    """The final answer of a response, or None: the last \\boxed{}, else "the answer is ..."; for GSM8K-style
-    (numeric) questions also the first '#### N', else the last number, each reduced to its last number
+    """The final answer of a response, or None: the last \\boxed{}, else "the answer is ..."; for numeric
+    questions (GSM8K and arith) also the first '#### N', else the last number, each reduced to its last number
     ("3 + 7 = 10" -> "10") or skipped if it has none. A response cut off at the length limit (ended=False)
     keeps only an answer it states: its last number is wherever the cut fell ("... 9 + 8 = Sam" -> "8")."""
     candidates = [last_boxed(text), stated_answer(text)]
-    if dataset != "gsm8k":
+    if dataset == "math":
         return next((c for c in candidates if c), None)
     marked = re.search(r"####\s*([^\n]+)", text)
     candidates += [marked.group(1) if marked else None, text if ended else None]
@@ -1188,12 +1219,16 @@ def unshard(sharded):
         whole.copy_(part.full_tensor())
     return model.eval()
 
-def training_state(model, optimizer):
-    """Whole (unsharded) state dicts of the model and AdamW, on the CPU, for a checkpoint."""
+def training_state(model, optimizer=None):
+    """Whole (unsharded) state dicts of the model and AdamW (None: the model's alone), on the CPU, for a
+    checkpoint; a sharded model's are gathered from every process, so each process calls it."""
     if not is_sharded(model):
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return model.state_dict(), optimizer and optimizer.state_dict()
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:  # the end of training keeps the weights alone: AdamW's state is not gathered
+        return dcp.get_model_state_dict(model, options=options), None
+    return dcp.get_state_dict(model, optimizer, options=options)
 
 def load_training_state(model, optimizer, model_state, optimizer_state):
     if not is_sharded(model):
@@ -1281,21 +1316,14 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
 
 class Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # argparse takes "-1e3" for a flag; any negative number, exponent included, is a value here
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
-
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"east.py: error: {message} (see --help)\n")
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a default is shown once, and only where there is one
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
 def build_parser():
     p = Parser(description="EAST: entropy-based adaptive weighting for self-training.",
-               formatter_class=HelpFormatter)
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # argparse takes "-1e3" for a flag; any negative number, exponent included, is a value here
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="hub id, local folder, or 'smollm2-135m' for the bundled offline model")
@@ -1362,22 +1390,19 @@ def check_args(args):
          lambda x: x > 0 and math.isfinite(x)),
         (("seed",), f"a whole number from 0 to {2 ** 32 - 1}", lambda x: 0 <= x < 2 ** 32),
         (("eval_samples", "save_every"), "0 or more", lambda x: x >= 0),
-        (("gen_batch_size",), "auto or at least 1", lambda x: x == "auto" or str(x).isdigit() and int(x) > 0),
+        (("gen_batch_size",), "auto or at least 1", lambda x: x == "auto" or f"{x}".isdecimal() and int(x)),
         (("num_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "train_size",
           "eval_size", "iterations", "repeats"), "at least 1", lambda x: x is None or x >= 1),
         (("top_p",), "in (0, 1]", lambda x: 0 < x <= 1),
+        (("samples",), "the samples.jsonl file of an earlier run (a regular file, not a folder or a device)",
+         lambda x: x is None or Path(x).is_file()),
+        (("output_dir",), "a folder name", lambda x: bool(x.strip())),  # '' would be the current folder
         (("warmup_ratio",), "in [0, 1)", lambda x: 0 <= x < 1)]
     for flag, rule, test in ((flag, rule, test) for flags, rule, test in rules for flag in flags):
         value = getattr(args, flag)
         bad = [v for v in (value if isinstance(value, list) else [value]) if not test(v)]  # --alpha: a list
         if bad:
-            raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {bad[0]}")
-    if args.gen_batch_size != "auto":
-        args.gen_batch_size = int(args.gen_batch_size)
-    if args.samples and Path(args.samples).is_dir():
-        raise UsageError(f"--samples {args.samples} is a folder; give the samples.jsonl file inside it")
-    if args.samples and not Path(args.samples).exists():
-        raise UsageError(f"--samples {args.samples} does not exist; give the samples.jsonl of an earlier run")
+            raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {bad[0]!r}")
     if args.engine == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
@@ -1395,12 +1420,11 @@ def check_args(args):
                          "accelerate launch --multi_gpu --num_processes K east.py ... (or torchrun)")
 
 def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps, but PyTorch sees no Apple GPU; use --device cpu or auto")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d, there in available.items() if there) if name == "auto" else name  # the first there
+    if not available[name]:
+        raise UsageError(f"--device {name}, but PyTorch sees no {dict(cuda='CUDA', mps='Apple')[name]} GPU; "
+                         f"use --device cpu or auto")
     return torch.device(name)
 
 def compute_dtype(device):
@@ -1488,10 +1512,11 @@ def normalise_row(row, where):
 
 def read_jsonl_rows(path):
     path = Path(path)
+    if not path.is_file():  # missing, a folder, or a device or FIFO that would be read forever
+        raise UsageError(f"data file {path} does not exist or is not a regular file; check the path or "
+                         f"--data-dir")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"data file {path} does not exist; check the path or --data-dir") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read data file {path}: {e}") from None
     rows = []
@@ -1527,7 +1552,7 @@ def load_questions(args):
     if args.dataset == "arith":
         pool = make_arith(ARITH_SIZES["test"] + ARITH_SIZES["train"], args.seed)
         splits = {"test": pool[:ARITH_SIZES["test"]], "train": pool[ARITH_SIZES["test"]:]}
-        splits = {k: [normalise_row(r, "arith") for r in v] for k, v in splits.items()}
+        splits = {k: [{**normalise_row(r, "arith"), "style": "arith"} for r in v] for k, v in splits.items()}
     elif args.dataset in ("gsm8k", "math"):
         if args.data_dir:
             folder = Path(args.data_dir) / args.dataset
@@ -1611,7 +1636,7 @@ def fitting_questions(model, tokenizer, train_questions, test_questions, args):
         return train_questions, 0
     room = context - args.max_new_tokens
     def too_long(questions):
-        prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
+        prompts = [render_prompt(tokenizer, q["question"], q["style"]) for q in questions]
         lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         return {q["id"]: n for q, n in zip(questions, lengths) if n > room}
     long_test = too_long(test_questions)
@@ -1666,13 +1691,16 @@ SAVE_INTERVAL = 600  # seconds between training checkpoints besides --save-every
 HELD_LOCKS, NEW_FOLDERS = [], []  # the open lock files of this process's runs, and the folders they made
 
 class RunFolder:
-    """--output-dir, locked for one run, and the one place that knows what earlier runs in it finished
-    (results.json, the checkpoints a chain of iterations needs); work done with other flags is refused."""
+    """--output-dir, locked for one run, and the one place that knows what earlier runs in it finished. The
+    records are the truth: a round whose predictions hold every test question is finished, and its report
+    is rebuilt from its records (finished_round); results.json is a report, written and never read. Work
+    done with other flags is refused."""
 
     def __init__(self, args, train_questions=(), test_questions=()):
         self.args, self.path, self.holds = args, Path(args.output_dir), None  # holds: see weights_of
+        self.questions, self.finished = (train_questions, test_questions), {}  # finished: tag -> its entry
         try:
-            NEW_FOLDERS.extend([] if self.path.exists() else [self.path])  # main() removes it if left empty
+            new = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             write_atomically(self / f".write-test{os.getpid()}", "ok")  # its own: runs may start together
             (self / f".write-test{os.getpid()}").unlink()
@@ -1680,6 +1708,7 @@ class RunFolder:
             raise UsageError(f"cannot write to --output-dir {self.path}: {e.strerror}; choose another "
                              f"folder") from None
         lock_folder(self.path)
+        NEW_FOLDERS.extend([self.path] if new else [])  # locked: main() removes it if left empty
         old = read_json(self / "config.json", {}, "delete it to resume without checking the flags against it")
         checks = [(RESUME_KEYS, (self / "samples.jsonl").exists()),
                   (("eval_samples",), any(self.path.glob("predictions_*"))),
@@ -1691,35 +1720,24 @@ class RunFolder:
                 flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
                 raise UsageError(f"{self.path} holds a run made with {flags} (its config.json); use those "
                                  f"flags to resume it, or a new --output-dir")
-        self.earlier = read_json(self / "results.json", RESULTS, "delete it to train and evaluate its rounds "
-                                 "again (the samples and the backbone's predictions are kept)") or {}
-        self.finished = {r["tag"]: r for r in self.earlier.get("rounds", [])}  # tag: entry in results.json
         self.check_files(train_questions, test_questions)
         wait_for_everyone()  # every process has read the old files before any is replaced
 
     def check_files(self, train_questions, test_questions):
-        """Every run file read once through its checks before anything is written: a damaged one refuses the
-        run in one line, with the folder as it was; a finished round's missing predictions are a warning."""
+        """Every run file read back is read once through its checks before anything is written: a damaged one
+        refuses the run in one line, with the folder as it was."""
         for path in self.path.glob("samples*.jsonl"):
             read_records(path, train_questions, self.args.num_samples, cut="keep")
         for path in self.path.glob("checkpoint_*.pt"):
             read_checkpoint(path, mmap=True)
-        rows = {p: read_records(p, test_questions, cut="keep") for p in self.path.glob("predictions_*.jsonl")}
-        for path in (self / f"predictions_{tag}.jsonl" for tag in self.finished):
-            if path not in rows:
-                print(f"warning: {path} of a finished round is missing, so its comparisons are left out")
-            elif len(rows[path]) < len(test_questions):
-                missing = len(test_questions) - len(rows[path])
-                raise UsageError(f"{path} of a finished round lacks {missing} of the test questions; delete "
-                                 f"it to leave that round out of the comparisons")
+        for path in self.path.glob("predictions_*.jsonl"):
+            read_records(path, test_questions, cut="keep")
 
     def __truediv__(self, name):
         return self.path / name
 
     def write(self, name, content):
-        """One process writes for all, whole (write_atomically); a list of rows is written as JSONL."""
-        if isinstance(content, list):
-            content = "".join(json.dumps(row) + "\n" for row in content)
+        """One process writes for all, whole (write_atomically)."""
         if is_main():
             write_atomically(self / name, content)
 
@@ -1732,36 +1750,63 @@ class RunFolder:
     def checkpoint(self, tag):  # training a round anew makes its predictions void
         return Checkpoint(self / f"checkpoint_{tag}.pt", stale=self / f"predictions_{tag}.jsonl")
 
-    def rounds_to_run(self, repeat):
+    def samples_path(self, planned):
+        """The samples a round trains on: from iteration 2 on its own, drawn with the weights of the round
+        before it; else its repeat's (with --same-samples every repeat's are the first's)."""
+        if planned.iteration > 1:
+            return self / f"samples_{planned.tag}.jsonl"
+        own = planned.repeat > 1 and not self.args.same_samples
+        return self / (f"samples_r{planned.repeat}.jsonl" if own else "samples.jsonl")
+
+    def rounds_to_run(self, repeat, round_args):
         """The rounds of one repeat still to run: each alpha's chain of iterations, each round with `start`,
-        whose weights it starts from (None: the backbone). A finished round is skipped unless the next needs
-        its weights and its checkpoint is gone; a chain stops at a round that found nothing to train; once a
-        chain is finished its checkpoints are deleted."""
+        whose weights it starts from (None: the backbone). A finished round is skipped (and reported from its
+        records) unless the next needs its weights and its checkpoint is gone; a chain stops at a round that
+        found nothing to train; once a chain is finished its checkpoints are deleted."""
         for alpha in self.args.alpha:
             names = [f"alpha{alpha:g}" + (f"_iter{i}" if self.args.iterations > 1 else "")
                      for i in range(1, self.args.iterations + 1)]
-            tags = [name + (f"_r{repeat}" if self.args.repeats > 1 else "") for name in names]
+            chain = [types.SimpleNamespace(alpha=alpha, repeat=repeat, iteration=iteration, name=name,
+                                           tag=name + (f"_r{repeat}" if self.args.repeats > 1 else ""))
+                     for iteration, name in enumerate(names, 1)]
+            for entry in filter(None, (self.finished_round(planned, round_args) for planned in chain)):
+                self.add_round(entry, rebuilt=True)
             start = None
-            for iteration, (name, tag) in enumerate(zip(names, tags), 1):
-                needed_next = iteration < len(tags) and tags[iteration] not in self.finished
-                if tag in self.finished and (not needed_next or self.checkpoint(tag).path.exists()):
-                    accuracy = self.finished[tag]["evaluation"]["accuracy"]
-                    print(f"[{tag}] finished in an earlier run ({100 * accuracy:.1f}%, in results.json); "
-                          f"skipped")
+            for planned, following in zip(chain, chain[1:] + [None]):
+                lost = following and following.tag not in self.finished and not self.checkpoint(
+                    planned.tag).path.exists()  # the weights the next round starts from
+                if planned.tag in self.finished and not lost:
+                    accuracy = self.finished[planned.tag]["evaluation"]["accuracy"]
+                    print(f"[{planned.tag}] finished in an earlier run ({100 * accuracy:.1f}%); skipped")
                 else:
-                    yield types.SimpleNamespace(alpha=alpha, repeat=repeat, tag=tag, name=name,
-                                                iteration=iteration, start=start)
-                    if tag not in self.finished:  # it trained nothing: the chain cannot go on
+                    yield types.SimpleNamespace(**vars(planned), start=start)
+                    if planned.tag not in self.finished:  # it trained nothing: the chain cannot go on
                         break
-                start = tag
-            if all(tag in self.finished for tag in tags) and is_main():  # the chain's weights: needed no more
-                for tag in tags:
-                    self.checkpoint(tag).path.unlink(missing_ok=True)
+                start = planned.tag
+            if all(planned.tag in self.finished for planned in chain) and is_main():  # needed no more
+                for planned in chain:
+                    self.checkpoint(planned.tag).path.unlink(missing_ok=True)
+
+    def finished_round(self, planned, round_args):
+        """The entry of a round whose predictions hold every test question, rebuilt from its records: its
+        samples scored again (score_questions is deterministic) and its predictions graded; None when the
+        round is still to run (or to finish)."""
+        train_questions, test_questions = self.questions
+        rows = read_records(self / f"predictions_{planned.tag}.jsonl", test_questions, cut="keep")
+        samples = read_records(self.samples_path(planned), train_questions, self.args.num_samples, cut="keep")
+        if not samples or any(q["id"] not in rows for q in test_questions):
+            return None
+        records = [samples[q["id"]] for q in train_questions if q["id"] in samples]  # in question order
+        scored = score_questions(records, planned.alpha, round_args.weighting, round_args.mapping,
+                                 round_args.seed, round_args.loss)
+        evaluation = accuracy_report([rows[q["id"]] for q in test_questions], round_args.eval_samples)
+        return round_report(planned, scored, evaluation, round_args)
 
     def weights_of(self, start, model, tokenizer, device):
         """model when it holds the weights of round `start` (None: the backbone), else a fresh copy."""
         if self.holds != start:
             stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
+            model.to("meta")  # and so would these weights: freed first, the fresh copy reuses their memory
             model, tokenizer = load_model(self.args.model, device)
             if start is not None:
                 model.load_state_dict(read_checkpoint(self.checkpoint(start).path, mmap=True)["model"])
@@ -1772,33 +1817,35 @@ class RunFolder:
     def recording(self, backbone, skipped_long_prompts, timed):
         """Yields the report that results.json holds, rewritten whole after every round and at the end, also
         when interrupted: the backbone and every finished round are kept."""
-        self.report, self.timed = {"config": vars(self.args), "backbone": backbone,
-                                   "rounds": list(self.finished.values()), "phases": {},
-                                   "skipped_long_prompts": skipped_long_prompts,
-                                   **{k: self.earlier[k] for k in ("entropies",) if k in self.earlier}}, timed
+        self.report, self.timed = {"config": vars(self.args), "backbone": backbone, "rounds": [],
+                                   "skipped_long_prompts": skipped_long_prompts}, timed
         try:
             yield self.report
         finally:
             stop_vllm()
             self.save_results()
 
-    def add_round(self, entry, scored):
-        """A finished round's entry (round_report) to results.json: the model holds its weights."""
+    def add_round(self, entry, rebuilt=False):
+        """A finished round's entry (round_report) to the report; a new one is written to results.json at
+        once, and the model holds its weights."""
         twin = next((r["tag"] for r in self.finished.values() if r["tag"] != entry["tag"]
-                     and (r["name"], r.get("training")) == (entry["name"], entry["training"])), None)
+                     and (r["name"], r["training"]) == (entry["name"], entry["training"])), None)
         if twin:  # a copy is no new evidence: paired_comparisons and repeat_statistics leave it out
             entry["twin_of"] = twin
             print(f"[{entry['tag']}] trained exactly as {twin} (same chosen paths and batches): counted once")
-        self.finished[entry["tag"]], self.holds = entry, entry["tag"]
-        self.report["rounds"] = [r for r in self.report["rounds"] if r["tag"] != entry["tag"]] + [entry]
-        self.report.setdefault("entropies", [s["entropy"] for s in scored])  # the first round's: a chart
-        self.save_results()
+        self.finished[entry["tag"]] = entry
+        self.report["rounds"] = list(self.finished.values())
+        if not rebuilt:
+            self.holds = entry["tag"]
+            self.save_results()
 
     def save_results(self):
-        self.report["phases"] = self.timed.figures(self.earlier.get("phases", {}))
+        self.timed.save()  # this invocation's phases join the timings log
+        self.report["phases"] = self.timed.figures()
         if is_main():
             self.report["repeats"] = repeat_statistics(self.report["rounds"])
-            self.report["comparisons"] = paired_comparisons(self.path, self.report["rounds"])
+            test_questions = self.questions[1]
+            self.report["comparisons"] = paired_comparisons(self.path, self.report["rounds"], test_questions)
         self.write("results.json", json.dumps(self.report, indent=2) + "\n")
 
 class Checkpoint:
@@ -1841,7 +1888,7 @@ class Checkpoint:
         late = any(gather([time.time() - self.saved > SAVE_INTERVAL]))
         if not self.path or not (step == total_steps or every and step % every == 0 or late):
             return
-        model_state, optimizer_state = training_state(model, optimizer)  # every process takes part
+        model_state, optimizer_state = training_state(model, optimizer if step < total_steps else None)
         if is_main():  # renamed into place whole: a kill mid-write keeps the last one
             state = {"step": step, "total_steps": total_steps, "model": model_state}
             if step < total_steps:
@@ -1884,7 +1931,8 @@ def lock_folder(out):
     it when the process ends, so the lock of a killed run never blocks the next."""
     free = True
     if is_main() and fcntl is not None:  # (Windows has no fcntl: no lock there)
-        HELD_LOCKS.append(open(out / ".lock", "w"))  # main() closes it as the run ends, refused or not
+        # Never through a symlink, never truncated: the lock file is only ever opened. main() closes it.
+        HELD_LOCKS.append(os.fdopen(os.open(out / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW), "w"))
         try:
             fcntl.flock(HELD_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1894,21 +1942,13 @@ def lock_folder(out):
                          f"--output-dir")
 
 # Every file east.py reads back is checked against the shape it writes (fits): a type (or types), [shape] for
-# a list of them, {str: shape} for any keys, or {key: shape} with every key present but those ending in "?".
+# a list of them, or {key: shape} with every key present but those ending in "?".
 NUMBER = (int, float)
 SAMPLE = {"id": str, "question": str, "gold": str, "style": str, "responses": [str], "ended?": [bool]}
 PREDICTION = {"id": str, "question": str, "gold": str, "response": str, "ended?": bool, "correct": bool,
               "majority_correct?": bool, "any_correct?": bool, "level?": (str, int), "subject?": str}
-SPREAD = {"min": NUMBER, "mean": NUMBER, "max": NUMBER}
-ROUND = {"tag": str, "name": str, "alpha": NUMBER, "repeat?": int, "training?": str, "twin_of?": str,
-         "evaluation": {"accuracy": NUMBER, "correct": int, "total": int, "truncated": NUMBER},
-         "counts": {"sampled": int, "kept": int, "dropped": int, "partial_agreement": int,
-                    "zero_weight?": int, "truncated_samples": NUMBER},
-         "examples": int, "entropy": SPREAD, "weights": SPREAD, "points": [[NUMBER]],
-         "example": {"question": str, "gold": str, "clusters": [list], "entropy": NUMBER, "weight": NUMBER}}
-PHASE = {"seconds": NUMBER, "tokens": int, "prompt_tokens": int, "tokens_per_s": NUMBER,
+PHASE = {"seconds": NUMBER, "tokens": int, "prompt_tokens": int, "tokens_per_s": NUMBER,  # timings.jsonl
          "share_of_flop_bound": NUMBER, "peak_memory_mb": NUMBER}
-RESULTS = {"rounds": [ROUND], "entropies?": [NUMBER], "phases?": {str: PHASE}}
 CHECKPOINT = {"step": int, "total_steps": int, "model": dict}  # and, until training ends, TRAINING_STATE
 TRAINING_STATE = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": torch.Tensor}
 
@@ -1917,8 +1957,6 @@ def fits(value, shape):
         return isinstance(value, list) and all(fits(item, shape[0]) for item in value)
     if not isinstance(shape, dict):
         return isinstance(value, shape)
-    if str in shape:
-        return isinstance(value, dict) and all(fits(item, shape[str]) for item in value.values())
     return isinstance(value, dict) and all(fits(value[key.rstrip("?")], s) if key.rstrip("?") in value
                                            else key.endswith("?") for key, s in shape.items())
 
@@ -1982,9 +2020,8 @@ def read_records(path, questions, num_samples=None, cut="repair"):
 def parse_record(line, questions, num_samples=None):
     """A line of a samples or predictions file as a record, or what is wrong with it (a string)."""
     shape = SAMPLE if num_samples is not None else PREDICTION
-    try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting beyond reading
+    record = parsed_json(line)
+    if record is None:
         return "is not valid JSON; delete that line to redo its question"
     if not fits(record, shape) or shape is SAMPLE and len(record["responses"]) != len(
             record.get("ended", record["responses"])):  # a sample's ended flags: one per response
@@ -1995,6 +2032,13 @@ def parse_record(line, questions, num_samples=None):
     if shape is SAMPLE and len(record["responses"]) != num_samples:
         return f"has {len(record['responses'])} samples, not --num-samples {num_samples}"
     return record
+
+def parsed_json(data):
+    """data parsed as JSON, or None when it is not JSON (bytes that are not UTF-8, nesting beyond reading)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
 
 def use_samples_file(source, samples_path, questions, num_samples):
     """--samples: read whole and checked (every line, the questions, n) before anything is written; then
@@ -2033,12 +2077,15 @@ def append_records(path, records):
 TOKENS = Counter()
 
 class PhaseTimer:
-    """Times a run's phases: `with timed("sample"): ...`. figures(): each phase's seconds, tokens/s, peak
-    memory and share of the FLOP bound (phase_figures) from the tokens it added to TOKENS in every process."""
+    """Times a run's phases: `with timed("sample"): ...`, each phase's seconds, tokens/s, peak memory and
+    share of the FLOP bound (phase_figures) from the tokens it added to TOKENS in every process. With a log
+    (the run folder's timings.jsonl) it starts from earlier invocations' rows and save() appends its own."""
 
-    def __init__(self, device):
-        self.device, self.phases, self.flops_per_second = device, {}, matmul_flops_per_second(device)
+    def __init__(self, device, log=None):
+        self.device, self.log, self.flops_per_second = device, log, matmul_flops_per_second(device)
         self.flops = dict.fromkeys(("prompt", "generated", "trained"), 0)
+        self.rows = read_timings(log) if log else []  # a row per phase and invocation
+        self.saved = len(self.rows)
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -2047,15 +2094,32 @@ class PhaseTimer:
         before, start = TOKENS.copy(), time.time()
         yield
         seconds, tokens = time.time() - start, sum(gather([TOKENS - before]), Counter())
-        self.phases[name] = (seconds, tokens, peak_memory_mb(self.device))
+        peak_mb = peak_memory_mb(self.device)
+        self.rows.append({"phase": name, **phase_figures(seconds, tokens, self.flops, self.flops_per_second,
+                                                         peak_mb)})
 
-    def figures(self, earlier):
-        """Each phase's figures after earlier invocations' (results.json's); a phase run again adds to its."""
-        phases = dict(earlier)
-        for name, (seconds, tokens, peak_mb) in self.phases.items():
-            new = phase_figures(seconds, tokens, self.flops, self.flops_per_second, peak_mb)
-            phases[name] = added_phase(phases[name], new) if name in phases else new
+    def save(self):
+        if self.log and is_main():
+            append_records(self.log, self.rows[self.saved:])
+        self.saved = len(self.rows)
+
+    def figures(self):
+        """Each phase's figures over every invocation: a phase run again adds to its earlier figures."""
+        phases = {}
+        for row in self.rows:
+            name, figures = row["phase"], {k: v for k, v in row.items() if k != "phase"}
+            phases[name] = added_phase(phases[name], figures) if name in phases else figures
         return phases
+
+def read_timings(path):
+    """The rows of a timings log that are whole and sane; a damaged one is left out, with a warning: the
+    timings are a report, never an input to the method."""
+    lines = path.read_bytes().splitlines() if path.exists() else []
+    rows = [row for row in map(parsed_json, lines) if fits(row, {"phase": str, **PHASE})
+            and row["seconds"] > 0 and all(0 <= row[k] < 1e15 for k in PHASE)]  # finite, and fit a float
+    if len(rows) < len(lines):
+        print(f"warning: {len(lines) - len(rows)} damaged rows of {path} are left out of the timings")
+    return rows
 
 def added_phase(old, new):
     """One phase's figures over two invocations: time, tokens and FLOP-bound work summed, memory the peak."""
@@ -2120,46 +2184,36 @@ BENCH_QUESTIONS = 16
 
 def benchmark(args):
     """Sampling, greedy evaluation and one epoch of weighted SFT on 16 generated arithmetic questions, each as
-    tokens/s, peak memory and share of the FLOP bound; against a naive loop (one sample per call) and peers on
-    the same work: transformers' model.generate (one call) and, where trl is installed, TRL's SFTTrainer."""
+    tokens/s, peak memory and share of the FLOP bound; against peers on the same work: transformers'
+    model.generate (one call) and, where trl is installed, TRL's SFTTrainer."""
     check_args(args)
-    if launched_as_several():
-        raise UsageError("--bench measures one process; run it with python, not accelerate launch")
-    if args.engine == "vllm":
-        raise UsageError("--bench measures east.py's own decoding loop; leave out --engine vllm")
+    if launched_as_several() or args.engine == "vllm":
+        raise UsageError("--bench measures east.py's own decoding loop in one process: run it with python, "
+                         "not accelerate launch, and leave out --engine vllm")
     device = resolve_device(args.device)
     out_dir = RunFolder(args).path  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
     args.gen_batch_size = questions_per_call(model, args, device)
     questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
     prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
-    parameters = sum(p.numel() for p in model.parameters())
     timed = PhaseTimer(device)  # measures the matmul rate
     timed.flops, rate = flops_per_token(model), timed.flops_per_second
     bound = {kind: rate / flops for kind, flops in timed.flops.items()}
-    print(f"bench: {args.model} ({parameters / 1e6:.0f}M parameters) on {device}; matmul "
-          f"{rate / 1e9:.0f} GFLOP/s, so at most {bound['prompt']:.0f} prompt, {bound['generated']:.0f} "
-          f"generated or {bound['trained']:.0f} trained tokens/s")
+    print(f"bench: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
+          f"{device}; matmul {rate / 1e9:.0f} GFLOP/s, so at most {bound['prompt']:.0f} prompt, "
+          f"{bound['generated']:.0f} generated or {bound['trained']:.0f} trained tokens/s")
     train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
-    quiet = functools.partial(contextlib.redirect_stdout, None)  # print() writes nothing to None
     with timed("sample (batched)"):
         torch.manual_seed(args.seed)
-        for i in range(0, len(prompts), args.gen_batch_size):
-            generate(model, tokenizer, prompts[i:i + args.gen_batch_size], args.num_samples, args)
-    with timed("sample (naive loop)"):  # the first 2 questions only: this loop is slow
-        torch.manual_seed(args.seed)
-        for prompt in [prompt for prompt in prompts[:2] for _ in range(args.num_samples)]:
-            generate(model, tokenizer, [prompt], 1, args)
+        generate_in_calls(model, tokenizer, prompts, args.num_samples, args)
     with timed("eval (greedy)"):
-        per_call = args.gen_batch_size * args.num_samples
-        for i in range(0, len(prompts), per_call):
-            generate(model, tokenizer, prompts[i:i + per_call], 1, args, greedy=True)
+        generate_in_calls(model, tokenizer, prompts, 1, args, greedy=True)
     for name in ("warm-up", "train (1 epoch)"):  # the first training pays for fresh memory later ones reuse
-        with quiet(), timed(name):
+        with contextlib.redirect_stdout(None), timed(name):  # print() writes nothing to None
             examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
                         for q in make_arith(BENCH_QUESTIONS, args.seed)]
             train(model, tokenizer, examples, train_args, Path(os.devnull))
-    del timed.phases["warm-up"]  # both trainings, ours and the peer's, are measured warm
+    timed.rows = [row for row in timed.rows if row["phase"] != "warm-up"]  # both trainings measured warm
     with timed("peer: model.generate"):  # the same sampling through transformers' model.generate
         torch.manual_seed(args.seed)
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
@@ -2177,7 +2231,7 @@ def benchmark(args):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
         dtype = compute_dtype(device)
-        with quiet(), timed("peer: TRL SFTTrainer"):  # its set-up included, as ours is
+        with contextlib.redirect_stdout(None), timed("peer: TRL SFTTrainer"):  # its set-up included
             config = SFTConfig(output_dir=str(out_dir / "trl"), num_train_epochs=1, learning_rate=args.lr,
                                per_device_train_batch_size=args.micro_batch_size,
                                gradient_accumulation_steps=max(1, args.batch_size // args.micro_batch_size),
@@ -2190,11 +2244,9 @@ def benchmark(args):
                                  processing_class=tokenizer)
             trainer.train()
             TOKENS["trained"] += sum(map(len, trainer.train_dataset["input_ids"]))  # prompt and completion
-    rows = timed.figures({})
-    speedup = rows["sample (batched)"]["tokens_per_s"] / rows["sample (naive loop)"]["tokens_per_s"]
-    print("\n".join(phase_table(rows)))
-    print(f"batched sampling is {speedup:.1f}x the naive loop (n={args.num_samples}, "
-          f"{args.gen_batch_size} questions per call, {args.max_new_tokens} new tokens)")
+    rows = timed.figures()
+    print("\n".join(phase_table(rows)) + f"\n(n={args.num_samples}, {args.gen_batch_size} questions per "
+          f"sampling call, {args.max_new_tokens} new tokens)")
     peers = {"sample (batched)": "peer: model.generate", "train (1 epoch)": "peer: TRL SFTTrainer"}
     for ours, peer in peers.items():
         if peer in rows:
@@ -2204,7 +2256,7 @@ def benchmark(args):
         else:
             print(f"{ours}: no {peer.removeprefix('peer: ')} to compare (pip install trl to add it)")
     report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": timed.flops,
-              "flop_bound_tokens_per_s": bound, "phases": rows, "sampling_speedup_vs_naive": speedup}
+              "flop_bound_tokens_per_s": bound, "phases": rows}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -2214,14 +2266,6 @@ def benchmark(args):
 # runs are compared question by question (paired), with an interval and a p-value, never as two numbers.
 
 BOOTSTRAP_RESAMPLES = 10_000
-
-def mcnemar_p(lost, gained):
-    """Exact two-sided McNemar p-value: of the questions one run got right and the other wrong, is the
-    split lost : gained further from even than chance would make it? A binomial test at 1/2.
-    Example: mcnemar_p(1, 9) == 0.0215 (to 4 places); mcnemar_p(3, 3) == 1; mcnemar_p(0, 0) == 1."""
-    n = lost + gained
-    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 def paired_bootstrap_ci(differences, resamples=BOOTSTRAP_RESAMPLES, seed=0):
     """95% interval of the mean per-question difference: the 2.5th and 97.5th percentiles of the mean
@@ -2252,9 +2296,10 @@ def sign_flip_p(differences):
 
 def paired_difference(first, second):
     """second - first on the same questions; first, second: {question id: [correct in each repeat]}, repeats
-    paired in order. The difference in points, its 95% bootstrap interval over questions, and the p-value:
-    exact McNemar for one repeat (lost: right in first only; gained: in second only); pooled, a sign-flip test
-    on each question's difference summed over the repeats (the question is the unit). Also each repeat's."""
+    paired in order. The difference in points, its 95% bootstrap interval over questions, and the p-value of
+    a sign-flip test on each question's difference summed over the repeats (the question is the unit), which
+    with one repeat is McNemar's exact test (lost: right in first only; gained: in second only). Also each
+    repeat's difference."""
     pairs = {q: list(zip(first[q], second[q])) for q in first}
     per_question = [sum(b - a for a, b in p) for p in pairs.values()]  # summed over the repeats
     repeats = len(next(iter(pairs.values())))
@@ -2263,7 +2308,7 @@ def paired_difference(first, second):
     low, high = paired_bootstrap_ci([d / repeats for d in per_question])
     by_repeat = [100 * sum(p[k][1] - p[k][0] for p in pairs.values()) / len(pairs) for k in range(repeats)]
     return {"difference": 100 * sum(per_question) / (repeats * len(pairs)), "ci95": [100 * low, 100 * high],
-            "p": mcnemar_p(lost, gained) if repeats == 1 else sign_flip_p(per_question),
+            "p": sign_flip_p(per_question),
             "lost": lost, "gained": gained, "questions": len(pairs), "repeats": repeats,
             "by_repeat": by_repeat}
 
@@ -2282,15 +2327,15 @@ def verdict(c):
     return (f"{c['second']} vs {c['first']}: {c['difference']:+.1f} points, 95% CI [{c['ci95'][0]:+.1f}, "
             f"{c['ci95'][1]:+.1f}], p = {c['p']:.2g}: {words}{scope}")
 
-def paired_comparisons(out, rounds):
-    """Each trained run against the backbone, then each pair of runs, from their prediction files. The
-    repeats of a run (--repeats) are pooled, each paired with the other run's same repeat."""
-    def correct(tag):  # RunFolder.check_files has read the finished rounds' files whole
-        rows = read_records(out / f"predictions_{tag}.jsonl", [], cut="keep").values()
-        return {row["id"]: row["correct"] for row in rows}
+def paired_comparisons(out, rounds, questions):
+    """Each trained run against the backbone, then each pair of runs, on the test questions, from their
+    prediction files. The repeats of a run (--repeats) are pooled, each paired with the other run's repeat."""
+    def correct(tag):  # a finished round's predictions hold every test question (RunFolder.finished_round)
+        rows = read_records(out / f"predictions_{tag}.jsonl", questions, cut="keep")
+        return {q["id"]: rows[q["id"]]["correct"] for q in questions}
     runs = {}  # name: {repeat: {question id: correct}}
-    for r in (r for r in rounds if "twin_of" not in r and (out / f"predictions_{r['tag']}.jsonl").exists()):
-        runs.setdefault(r["name"], {})[r.get("repeat", 1)] = correct(r["tag"])
+    for r in (r for r in rounds if "twin_of" not in r):
+        runs.setdefault(r["name"], {})[r["repeat"]] = correct(r["tag"])
     backbone = correct("backbone")
     def paired(first, second):  # the repeats both have, as {question id: [correct in each repeat]}
         both = sorted(set(first) & set(second))
@@ -2304,30 +2349,43 @@ def paired_comparisons(out, rounds):
 # -----------------------------------------------------------------------------
 # Summary and charts
 
-def min_mean_max(values):  # a trained round's entropies or weights: never empty
-    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
-
-def round_report(planned, scored, examples, evaluation, args):
-    """A round's entry in results.json: evaluation, counts, entropy and weight statistics, the worked example,
-    the weights chart's (u, w) points and a fingerprint of its training (the examples of each step)."""
-    kept = [s for s in scored if s["kept"]]
-    entropies, weights = [s["entropy"] for s in scored], [s["weight"] for s in kept]
+def round_report(planned, scored, evaluation, args):
+    """A round's entry in results.json, from its scored questions and its evaluation alone (a rerun rebuilds
+    it from the records): counts, the entropy histogram and spread, the worked example, the (u, w) point of
+    each training example (the weights chart and the entropy levels) and a fingerprint of its training (the
+    examples of each optimiser step)."""
+    kept, trained = [s for s in scored if s["kept"]], [s for s in scored if s["examples"]]
+    entropies = [s["entropy"] for s in scored]
+    points = [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in trained for _ in range(s["examples"])]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
     truncated = sum(s["truncated"] for s in scored) / (len(scored) * args.num_samples)
-    # The worked example: the first kept question whose answers partly agree shows clusters, H and w at work.
-    example = ([s for s in kept if 0 < s["entropy"] < math.log2(args.num_samples) - 1e-9] or kept)[0]
-    dumped = [json.dumps(e, sort_keys=True) for e in examples]  # once each, though every epoch uses them
-    order = batch_order(len(examples), args.batch_size, args.epochs, args.seed)
-    steps = [sorted(dumped[i] for i in indices) for indices in order]
+    # The worked example: the first trained question whose answers partly agree shows clusters, H and w.
+    example = ([s for s in trained if 0 < s["entropy"] < math.log2(args.num_samples) - 1e-9] or trained)[0]
+    # Two rounds train alike when their examples (build_examples makes them from these fields, in this order)
+    # go through the same optimiser steps: each step's set of examples, whatever its order within the step.
+    examples = [(s["id"], s["chosen"], args.loss != "sft" and s["rejected"], s["weight"]) for s in trained]
+    steps = [sorted(step) for step in batch_order(len(points), args.batch_size, args.epochs, args.seed)]
     return {"tag": planned.tag, "name": planned.name, "alpha": planned.alpha, "repeat": planned.repeat,
-            "evaluation": evaluation, "examples": len(examples),
-            "training": f"{zlib.crc32(json.dumps(steps).encode()):08x}",
+            "evaluation": evaluation, "examples": len(points),
+            "training": f"{zlib.crc32(json.dumps([args.loss, examples, steps]).encode()):08x}",
             "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
-                       "partial_agreement": partial, "truncated_samples": truncated,
-                       "zero_weight": sum(w == 0 for w in weights)},
-            "entropy": min_mean_max(entropies), "weights": min_mean_max(weights),
+                       "no_correct_path": sum(s["num_correct"] == 0 for s in scored), "trained": len(trained),
+                       "partial_agreement": partial, "truncated_samples": truncated},
+            "entropy": {"min": min(entropies), "mean": sum(entropies) / len(entropies), "max": max(entropies),
+                        "histogram": sorted(Counter(round(h, 2) for h in entropies).items())},
             "example": {k: example[k] for k in ("question", "gold", "clusters", "entropy", "weight")},
-            "points": [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in kept]}
+            "points": points}
+
+def weight_levels(points):
+    """The training examples grouped by their uncertainty u: [(u, examples, w, share)], in order of u, where
+    share is the level's part of the training signal, its sum of weights over the sum of all (which is the
+    number of examples, the mean weight being 1). Every example of a level has the same w.
+    Example: weight_levels([(0, 0.0), (1, 0.8), (1, 0.8), (1.5, 1.2), (2, 1.6), (2, 1.6)])
+    == [(0, 1, 0.0, 0.0), (1, 2, 0.8, 0.267), (1.5, 1, 1.2, 0.2), (2, 2, 1.6, 0.533)] (shares rounded)."""
+    levels, total = {}, sum(w for _, w in points)
+    for u, w in points:
+        levels.setdefault(round(u, 9), []).append(w)  # equal u from different questions: one level
+    return [(u, len(ws), ws[0], sum(ws) / total) for u, ws in sorted(levels.items())]
 
 def summarise(report, out):
     """The summary, then the charts (draw_charts), printed by the main process for all."""
@@ -2343,39 +2401,40 @@ def summarise(report, out):
         "", "==================== EAST summary ====================",
         f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
         f"weighting {config['weighting']} ({config['mapping']})"]
-    if report.get("skipped_long_prompts"):
-        lines.append(f"skipped          {report['skipped_long_prompts']} training questions too long for the "
-                     f"model's context")
     if report["rounds"]:
         first = report["rounds"][0]
         e, c, ex = first["entropy"], first["counts"], first["example"]
         clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
-        partial = f"{c['partial_agreement']} of {c['sampled']} ({c['partial_agreement'] / c['sampled']:.0%})"
+        partial, no_path = c["partial_agreement"], c["no_correct_path"]
         lines += [
-            f"questions        {c['sampled']} sampled, {c['kept']} kept, dropped {c['dropped']}: no correct "
-            f"path to train on",
+            f"questions        {c['sampled']} sampled, {c['kept']} kept; dropped {no_path} with no correct "
+            f"path, {c['dropped'] - no_path} whose correct paths were all cut off",
             f"samples          {c['truncated_samples']:.0%} cut off at {config['max_new_tokens']} new tokens "
             f"(they count only an answer they state, and are never trained on)",
             f"entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits "
-            f"(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial}",
+            f"(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial} of {c['sampled']} "
+            f"({partial / c['sampled']:.0%})",
             f"example          {ex['question'][:90]!r}",
             f"                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, "
             f"w = {ex['weight']:.2f} (a={first['alpha']:g})"]
-        firsts = {r["alpha"]: r for r in reversed(report["rounds"])}  # each alpha's first round
-        lines += [f"weight 0         {r['counts'].get('zero_weight', 0)} of the {r['counts']['kept']} kept "
-                  f"questions have u = 0 (with entropy: every answer alike), so w = 0 at a={a:g}"
-                  for a, r in sorted(firsts.items()) if a > 0 and config["mapping"] == "power"]
+        # EAST's material: the training set by level of u, and the weight and signal share each a gives it
+        firsts = {r["alpha"]: r for r in reversed(report["rounds"])}  # each alpha's first round: same samples
+        levels = {a: weight_levels(r["points"]) for a, r in sorted(firsts.items())}  # the same u's at every a
+        u_name = "H (bits)" if config["weighting"] == "entropy" else f"u = {config['weighting']}"
+        lines += [f"training set     {len(first['points'])} {config['loss']} examples by level of {u_name}: "
+                  f"each level's weight w and share of the training signal (its sum of w over all)",
+                  f"  {u_name:>12}  examples" + "".join(f"{f'w a={a:g}':>10}  share" for a in levels)]
+        lines += [f"  {row[0][0]:12.2f}{row[0][1]:10d}" + "".join(f"{w:10.2f}{p:7.0%}" for *_, w, p in row)
+                  for row in zip(*levels.values())]  # a row: one level, (u, examples, w, share) at each a
+        lines += [f"                 at a={a:g} every trained question has u = 0, so f(u) = 0 for all: "
+                  f"uniform weights instead (this round is vanilla)" for a, level in levels.items()
+                  if a > 0 and config["mapping"] == "power" and [u for u, *_ in level] == [0]]
     else:
         lines.append("no round trained (see the warnings above): the backbone alone")
     lines += [
         f"accuracy on {backbone['total']} test questions    greedy  (points)  cut off",
         accuracy_line("backbone", "", backbone),
         *(accuracy_line(r["tag"], f"{r['counts']['kept']} kept", r["evaluation"]) for r in report["rounds"])]
-    for field in ("level", "subject"):
-        if f"by_{field}" in backbone and report["rounds"]:
-            last = report["rounds"][-1]["evaluation"][f"by_{field}"]
-            lines.append(f"by {field:<14}" + "  ".join(f"{g}: {100 * a:.0f}->{100 * last[g]:.0f}%"
-                                                       for g, a in backbone[f"by_{field}"].items()))
     pooled = config["repeats"] > 1
     if pooled:
         lines.append(f"over {config['repeats']} repeats  " + ", ".join(
@@ -2412,21 +2471,18 @@ def draw_charts(report, out):
     if not rounds:
         return
     last = {r["alpha"]: r for r in rounds}  # each alpha's final round
-    def accuracies(evaluations):  # the accuracies, and their 95% intervals for error bars
-        evaluations = list(evaluations)
+    def accuracies(evaluations):  # the accuracies, and their 95% intervals for error bars (a list in)
         return ([ev["accuracy"] for ev in evaluations],
                 [wilson_interval(ev["correct"], ev["total"]) for ev in evaluations])
-    histogram = sorted(Counter(round(h, 2) for h in report["entropies"]).items())
-    def curve(points):  # the distinct (u, w) pairs of the kept questions, in order of u
-        pairs = sorted(set((round(u, 3), round(w, 3)) for u, w in points))
-        return [u for u, _ in pairs], [w for _, w in pairs]
+    histogram = rounds[0]["entropy"]["histogram"]  # of every sampled question, in the first round
     charts = [  # (file, x label, y label, [(series label, xs, ys, 95% intervals or None)])
         ("entropy_histogram", f"entropy H (bits), n = {config['num_samples']}", "questions",
          [("questions", [h for h, _ in histogram], [c for _, c in histogram], None)]),
         ("weights", f"uncertainty u ({config['weighting']})", "weight w",
-         [(f"a={a:g}", *curve(r["points"]), None) for a, r in last.items()]),
+         [(f"a={a:g}", *zip(*[(u, w) for u, _, w, _ in weight_levels(r["points"])]), None)
+          for a, r in last.items()]),
         ("accuracy_by_alpha", "alpha", "accuracy",
-         [("trained", list(last), *accuracies(r["evaluation"] for r in last.values())),
+         [("trained", list(last), *accuracies([r["evaluation"] for r in last.values()])),
           ("backbone", list(last), *accuracies([backbone] * len(last)))]),
     ]
     if config["iterations"] > 1:
@@ -2442,7 +2498,7 @@ def draw_charts(report, out):
         for name, xlabel, ylabel, series in charts:
             for label, xs, ys, intervals in series:
                 title = f"{name} [{label}]: {ylabel} by {xlabel}" + (" [95% interval]" if intervals else "")
-                print(text_bars(title, [f"{x:g}" for x in xs], ys, intervals))
+                print(text_bars(title, [f"{x:.3g}" for x in xs], ys, intervals))
         return
     for name, xlabel, ylabel, series in charts:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -2450,14 +2506,11 @@ def draw_charts(report, out):
             if name == "entropy_histogram":
                 ax.bar(xs, ys, width=0.05)
                 continue
-            if label == "backbone":  # a band: the backbone's 95% interval
-                ax.plot(xs, ys, "--", label=label)
-                ax.fill_between(xs, *zip(*intervals), alpha=0.2)
-            elif intervals:  # error bars: each point's 95% interval
-                spread = [[y - low, high - y] for y, (low, high) in zip(ys, intervals)]  # below, above
-                ax.errorbar(xs, ys, yerr=list(zip(*spread)), fmt="o-", capsize=3, label=label)
-            else:
-                ax.plot(xs, ys, "o-", label=label)
+            # error bars: each point's 95% interval, below and above it
+            spread = intervals and [[y - low for y, (low, _) in zip(ys, intervals)],
+                                    [high - y for y, (_, high) in zip(ys, intervals)]]
+            ax.errorbar(xs, ys, yerr=spread, fmt="--" if label == "backbone" else "o-", capsize=3,
+                        label=label)
             ax.legend()
         ax.set(xlabel=xlabel, ylabel=ylabel)
         fig.tight_layout()
@@ -2484,13 +2537,14 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     finally:
-        while HELD_LOCKS:  # unlock the run folder
-            HELD_LOCKS.pop().close()
-        for folder in NEW_FOLDERS:  # a run refused before it wrote anything leaves no folder behind
-            if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot break off the clean-up
+        for folder in NEW_FOLDERS:  # a run refused before it wrote anything leaves no folder behind; it
+            if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:  # still holds the lock
                 shutil.rmtree(folder)
         NEW_FOLDERS.clear()
-        signal.signal(signal.SIGTERM, previous)
+        while HELD_LOCKS:  # unlock the run folder
+            HELD_LOCKS.pop().close()
+        signal.signal(signal.SIGTERM, previous), signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     code = main()  # with several processes, all is written and the group left: the interpreter's teardown

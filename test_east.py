@@ -40,6 +40,22 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.fixture(autouse=True)
+def fixed_random_state():
+    """Every test starts from the same random state, whatever ran before it (or in what order)."""
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def assert_close(actual, expected, rel, what=""):
+    """Two tensors equal up to float32 round-off: the norm of their difference within rel of the norm of what
+    is compared. Sums of the same terms in another order (micro-batches, processes, a resume) differ by a few
+    units of float32's 1.2e-7 per term, so rel = 1e-5 leaves a wide margin over the few hundred terms of these
+    sums, and an element near 0 is not held to a precision its neighbours' round-off does not allow."""
+    scale = max(actual.norm().item(), expected.norm().item())
+    assert (actual - expected).norm().item() <= rel * scale, (what, (actual - expected).norm().item(), scale)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     if not (DATA_DIR / "gsm8k" / "train.jsonl").exists():
@@ -249,6 +265,54 @@ def test_scores_and_ablation_weights_on_hand_made_samples():
         assert weights == pytest.approx([u / (sum(uncertainty) / 3) for u in uncertainty]), weighting
 
 
+def test_weights_average_one_over_what_each_objective_trains():
+    # hand_made_records at a = 1: q0 (H = 0) has no wrong path, so no DPO pair; q1 (H = 1) and q2 (H = 2) do.
+    # DPO trains the pairs of q1 and q2: f = 1, 2 over their mean 1.5. KTO trains 5 examples: q0, q1, q2
+    # desirable and q1, q2 undesirable, f = 0, 1, 2, 1, 2 over their mean 1.2. (Normalised over the kept
+    # questions instead, the DPO weights would be 1 and 2, mean 1.5, and KTO's mean 1.2.)
+    expected = {"sft": [0.0, 1.0, 2.0], "dpo": [None, 1 / 1.5, 2 / 1.5], "kto": [0.0, 1 / 1.2, 2 / 1.2]}
+    tokenizer = CharTokenizer()
+    for loss, weights in expected.items():
+        scored = east.score_questions(hand_made_records(), 1.0, loss=loss)
+        assert [s.get("weight") for s in scored[:3]] == pytest.approx(weights), loss
+        assert [s["examples"] for s in scored] == {"sft": [1, 1, 1, 0], "dpo": [0, 1, 1, 0],
+                                                    "kto": [1, 2, 2, 0]}[loss]
+        assert "weight" not in scored[3]  # dropped: not trained
+        for alpha, mapping in itertools.product((-2.0, -0.5, 0.0, 1.0, 3.0), ("power", "exp")):
+            scored = east.score_questions(hand_made_records(), alpha, mapping=mapping, loss=loss)
+            examples = east.build_examples(tokenizer, scored, loss)
+            assert sum(e["weight"] for e in examples) == pytest.approx(len(examples)), (loss, alpha, mapping)
+
+
+def test_the_rejected_path_ended_with_a_wrong_answer():
+    # gold 7. q0: the most common wrong answer, 8, was only ever cut off; 9 ended: 9 is rejected, not 8.
+    # q1: its wrong paths state no answer, or were cut off: no rejected path, so no DPO pair.
+    texts = ["so \\boxed{7}", "so \\boxed{8}", "so \\boxed{8}", "so \\boxed{9}", "I do not know"]
+    records = [{"id": "train-0", "question": "q0", "gold": "7", "style": "math", "responses": texts,
+                "ended": [True, False, False, True, True]},
+               {"id": "train-1", "question": "q1", "gold": "7", "style": "math",
+                "responses": texts[:3] + texts[4:], "ended": [True, False, False, True]}]
+    for seed in range(5):
+        q0, q1 = east.score_questions(records, 1.0, seed=seed, loss="dpo")
+        assert q0["rejected"] == "so \\boxed{9}" and q0["rejected_share"] == 0.4  # R still counts 8 x 2
+        assert q1["kept"] and q1["rejected"] is None and q1["examples"] == 0 and "weight" not in q1
+    assert [e["rejected"] for e in east.build_examples(CharTokenizer(), [q0, q1], "dpo")] == [
+        east.tokenize_example(CharTokenizer(), "q0", "so \\boxed{9}")]
+
+
+def test_the_floor_for_negative_alpha_sits_below_the_smallest_uncertainty_of_n_samples():
+    assert east.uncertainty_floor("accuracy", 16) == east.uncertainty_floor("rejected", 16) == 1 / 32
+    smallest = -(63 / 64 * math.log2(63 / 64) + 1 / 64 * math.log2(1 / 64))  # 63 answers alike, one other
+    assert east.uncertainty_floor("entropy", 64) == pytest.approx(smallest / 2)
+    # n = 16, gold 7: 16, 15 and 14 right answers give u = 1 - A = 0, 1/16, 2/16. At a = -1 each must weigh
+    # more than the next (the old 0.1 floor tied u = 0 with u = 1/16).
+    records = [{"id": f"train-{i}", "question": f"q{i}", "gold": "7", "style": "math",
+                "responses": ["\\boxed{7}"] * (16 - i) + ["\\boxed{8}"] * i} for i in range(3)]
+    weights = [s["weight"] for s in east.score_questions(records, -1.0, "accuracy")]
+    assert weights[0] > weights[1] > weights[2]
+    assert weights == pytest.approx([w / (sum([32, 16, 8]) / 3) for w in (32, 16, 8)])  # (1/32)^-1, 16, 8
+
+
 def test_a_cut_off_path_counts_for_entropy_but_is_never_trained_on():
     texts = ["so \\boxed{7}", "so \\boxed{7}, and", "so \\boxed{8}", "7 + 1 = 8 and 7"]
     records = [{"id": "train-0", "question": "q0", "gold": "7", "style": "gsm8k", "responses": texts,
@@ -276,7 +340,8 @@ def test_a_cut_off_path_counts_for_entropy_but_is_never_trained_on():
 def test_weighted_loss_equals_hand_computed_per_example_loss():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[-100, -100, 3, 1, 4], [-100, 2, 6, 0, -100]])
+    # 3 response tokens and 1: each example is averaged over its own, not over the batch's 4
+    labels = torch.tensor([[-100, -100, 3, 1, 4], [-100, -100, -100, 0, -100]])
     weights = torch.tensor([0.5, 1.5])
     per_example = []
     for b in range(2):
@@ -302,8 +367,8 @@ def test_weight_scales_only_its_own_example():
         logits.grad = None
         east.weighted_sft_loss(logits, labels, torch.tensor(weights)).backward()
         grads.append(logits.grad.clone())
-    assert torch.allclose(grads[1][0], 3 * grads[0][0])
-    assert torch.allclose(grads[1][1], grads[0][1])
+    assert_close(grads[1][0], 3 * grads[0][0], rel=1e-6)  # one multiplication apart: float32 round-off
+    assert_close(grads[1][1], grads[0][1], rel=1e-6)
 
 
 def test_dpo_loss_hand_values_and_per_pair_weights():
@@ -344,7 +409,7 @@ def test_kto_loss_hand_values_and_per_example_weights():
     east.weighted_kto_loss(
         policy, reference, desirable, z0, torch.ones(3), beta, lambda_d, lambda_u
     ).backward()
-    assert torch.allclose(grad_weighted, weights * policy.grad)
+    assert_close(grad_weighted, weights * policy.grad, rel=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -422,8 +487,12 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path, cap
     assert comparison["difference"] == pytest.approx(100 * (trained["evaluation"]["accuracy"]
                                                             - results["backbone"]["accuracy"]))
     assert east.verdict(comparison) in shown and "one seed is one draw of samples" in shown
-    zero = sum(s["weight"] == 0 for s in kept)  # a = 2: a kept question whose answers all agree weighs 0
-    assert f"weight 0         {zero} of the {len(kept)} kept questions have u = 0" in shown
+    levels = east.weight_levels(trained["points"])  # the training set by level of H: the summary's table
+    assert sum(count for _, count, _, _ in levels) == len(kept) == trained["counts"]["trained"]
+    for u, count, w, share in levels:  # a = 2: a kept question whose answers all agree weighs 0
+        assert f"  {u:12.2f}{count:10d}{w:10.2f}{share:7.0%}" in shown and (w == 0) == (u == 0)
+    dropped = trained["counts"]["dropped"]
+    assert f"{dropped} of 8 questions: {trained['counts']['no_correct_path']} with no correct path" in shown
     steps = read_jsonl(out / "train_log_alpha2.jsonl")
     assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
     assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
@@ -534,6 +603,7 @@ def test_preference_losses_run_end_to_end(tiny_model, sevens_file, tmp_path, los
     paired = [s["weight"] for s in kept if s["rejected"] is not None]
     assert paired
     if loss == "dpo":
+        assert sum(paired) / len(paired) == pytest.approx(1.0)  # normalised over the pairs trained
         expected = math.log(2) * sum(paired) / len(paired)
     else:
         weights = [s["weight"] for s in kept] + paired  # desirable examples, then undesirable ones
@@ -595,13 +665,29 @@ def test_repeats_draw_their_own_samples_and_pool_over_questions(tiny_model, seve
 
 
 @pytest.mark.slow
+def test_a_finished_repeat_loads_and_samples_nothing_on_resume(tiny_model, sevens_file, tmp_path,
+                                                               monkeypatch):
+    # The rerun of a finished three-repeat folder loads the model once (the backbone's evaluation is read
+    # back), draws no sample and trains nothing: each finished round is rebuilt from its records.
+    argv = tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--alpha", "0", "1", "--repeats", "3")
+    assert east.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    loads, generations = count_calls(monkeypatch, "load_model"), count_calls(monkeypatch, "generate")
+    trainings = count_calls(monkeypatch, "train")
+    assert east.main(argv) == 0
+    assert len(loads) == 1 and generations == [] and trainings == []
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rounds"] == report["rounds"]
+
+
+@pytest.mark.slow
 def test_no_correct_sample_gives_a_backbone_only_report(tiny_model, tmp_path, capsys):
     hopeless = write(tmp_path / "hard.jsonl", "".join(
         json.dumps({"question": f"q{i}", "answer": "#### 123456"}) + "\n" for i in range(5)))
     out = tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, hopeless, out)) == 0
     printed = capsys.readouterr().out
-    assert "warning: no training question has a correct sample" in printed and "the backbone alone" in printed
+    assert "warning: nothing to train: no question has a correct path" in printed
+    assert "the backbone alone" in printed
     assert len(read_jsonl(out / "samples.jsonl")) == 4  # 4 training questions, 1 held out
     results = json.loads((out / "results.json").read_text())  # the backbone's evaluation is kept
     assert results["rounds"] == [] and results["backbone"]["total"] == 1
@@ -622,12 +708,25 @@ def test_next_tokens_samples_the_tempered_nucleus():
         )
         return torch.bincount(drawn, minlength=4) / len(drawn)
 
+    # 40,000 draws from a fixed seed: a frequency's standard error is at most 0.0025, so 0.01 is 4 of them.
     # top-p 0.7: the smallest top set reaching 0.7 is {0.5, 0.3}, renormalised to 0.625 / 0.375
     assert torch.allclose(frequencies(1.0, 0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.01)
     # temperature 0.5 squares the probabilities before renormalising
     squared = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
     assert torch.allclose(frequencies(0.5, 1.0), squared / squared.sum(), atol=0.01)
     assert east.next_tokens(logits[:3], None, greedy=True).tolist() == [0, 0, 0]
+
+
+def test_each_stream_draws_its_own_numbers_for_a_question():
+    # A question's seed comes from the run's seed, the stream (samples file, or evaluation) and its id, so
+    # iteration 2's resampling and a repeat draw other numbers than the first sampling, and a rerun the same.
+    args, question = argparse.Namespace(seed=0), {"id": "train-3"}
+    seeds = {stream: east.question_seed(args, stream, question)
+             for stream in ("samples.jsonl", "samples_r2.jsonl", "samples_alpha1_iter2.jsonl", "evaluation")}
+    assert len(set(seeds.values())) == 4
+    assert east.question_seed(args, "samples.jsonl", question) == seeds["samples.jsonl"]
+    assert east.question_seed(argparse.Namespace(seed=1), "samples.jsonl", question) != seeds["samples.jsonl"]
+    assert east.question_seed(args, "samples.jsonl", {"id": "train-4"}) != seeds["samples.jsonl"]
 
 
 def test_a_zero_probability_token_is_never_drawn(monkeypatch):
@@ -723,8 +822,9 @@ def test_decoding_loop_matches_transformers_greedy_generate():
 
 def test_examples_per_objective():
     tokenizer = CharTokenizer()
-    scored = east.score_questions(hand_made_records(), 1.0)
-    sft, dpo, kto = (east.build_examples(tokenizer, scored, loss) for loss in ("sft", "dpo", "kto"))
+    sft, dpo, kto = (east.build_examples(tokenizer, east.score_questions(hand_made_records(), 1.0, loss=loss),
+                                         loss) for loss in ("sft", "dpo", "kto"))
+    scored = east.score_questions(hand_made_records(), 1.0, loss="dpo")
     assert len(sft) == 3 and len(dpo) == 2 and len(kto) == 3 + 2  # q0 has no wrong answer to reject
     assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")
     assert [e["weight"] for e in dpo] == [s["weight"] for s in scored[1:3]]
@@ -766,7 +866,7 @@ def test_gradient_does_not_depend_on_micro_batching(tiny_model):
         args = east.build_parser().parse_args(["--micro-batch-size", str(micro)])
         east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
         grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+    assert_close(grads[4], grads[1], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -776,7 +876,8 @@ def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, los
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     scored = [{"question": "Q" * (2 * i + 1), "chosen": "7" * (i + 1), "rejected": "77 7" if i % 2 else None,
-               "kept": True, "weight": w} for i, w in enumerate([0.4, 1.2, 0.9, 1.5])]
+               "kept": True, "examples": 1, "style": "math", "weight": w}
+              for i, w in enumerate([0.4, 1.2, 0.9, 1.5])]
     examples = east.build_examples(tokenizer, scored, loss)
     east.add_reference_logprobs(model, examples, 2, tokenizer.pad_token_id, loss)
     with torch.no_grad():  # move the policy away from the reference so rewards are not all zero
@@ -791,7 +892,7 @@ def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, los
         east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
         grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert grads[4].abs().sum() > 0
-    assert torch.allclose(grads[4], grads[1], rtol=1e-4, atol=1e-7)
+    assert_close(grads[4], grads[1], rel=1e-5)
 
 
 def grad_norm(parameters):
@@ -906,7 +1007,7 @@ def test_a_whole_run_in_a_gpu_dtype_is_finite_and_resumes_exactly(dtype, tiny_mo
     weights = [AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole)]
     assert all(torch.isfinite(value).all() for value in weights[0].values())
     for name, value in weights[1].items():
-        assert torch.allclose(weights[0][name], value, rtol=1e-4, atol=1e-6), name
+        assert_close(weights[0][name], value, rel=1e-5, what=name)
     for d in (out, whole):
         results = json.loads((d / "results.json").read_text())
         assert all(0 <= r["evaluation"]["maj@2"] <= r["evaluation"]["pass@2"] <= 1 for r in results["rounds"])
@@ -937,7 +1038,7 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monk
         assert checkpointing == [bool(flags)] * 4 and not model.is_activation_checkpointing
         trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.allclose(trained[0], start)
-    assert torch.allclose(trained[0], trained[1], rtol=1e-5, atol=1e-6)
+    assert_close(trained[0], trained[1], rel=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -988,6 +1089,25 @@ def test_majority_answer_is_the_largest_answered_cluster_and_the_first_seen_on_a
     assert east.majority_answer([None, None, "3"]) == "3"  # "no answer" is never the majority
     assert east.majority_answer(["0.5", "3", "1/2"]) == "0.5"  # clusters by equivalence
     assert east.majority_answer([None, None]) is None
+
+
+@pytest.mark.slow
+def test_evaluation_makes_no_more_sequences_per_call_than_sampling(tiny_model, sevens_file, tmp_path,
+                                                                  monkeypatch):
+    # Sampling: --gen-batch-size 3 questions x n = 4 samples = 12 sequences per call. maj@8 evaluation of the
+    # 2 test questions would be 16 in one call; it is cut into calls of at most 12 (here 1 question x 8).
+    real_generate, calls = east.generate, []
+
+    def counting_generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
+        calls.append((greedy, num_return, len(prompts) * num_return))
+        return real_generate(model, tokenizer, prompts, num_return, args, greedy, seeds)
+
+    monkeypatch.setattr(east, "generate", counting_generate)
+    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "out", "--eval-samples", "8")) == 0
+    assert max(size for greedy, k, size in calls if k == 4) == 12  # sampling's calls
+    majority = [size for greedy, k, size in calls if k == 8]
+    assert majority == [8] * (2 * 2)  # backbone and alpha1, each question in a call of its own
+    assert max(size for greedy, k, size in calls if greedy) <= 12
 
 
 def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
@@ -1363,7 +1483,7 @@ def test_sharded_training_trains_the_same_model_as_one_process(tiny_model, seven
     assert two.lm_head.weight.data_ptr() == two.model.embed_tokens.weight.data_ptr()  # still tied
     for (name, trained), whole, before in zip(two.named_parameters(), one.parameters(), start.parameters()):
         assert not torch.equal(trained, before), name
-        assert torch.allclose(trained, whole, rtol=1e-4, atol=1e-6), name
+        assert_close(trained, whole, rel=1e-5, what=name)
     one_eval, two_eval = (by_question(read_jsonl(d / "predictions_alpha1.jsonl")) for d in (one_dir, two_dir))
     assert [r["response"] for r in two_eval] == [
         r["response"] for r in one_eval
@@ -1416,7 +1536,7 @@ def test_sharded_training_resumes_from_its_checkpoint(tiny_model, sevens_file, t
     resumed, uninterrupted = (AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict()
                               for d in (out, tmp_path / "whole"))
     for name, value in uninterrupted.items():
-        assert torch.allclose(resumed[name], value, rtol=1e-5, atol=1e-7), name
+        assert_close(resumed[name], value, rel=1e-5, what=name)
 
 
 @pytest.mark.slow
@@ -1599,7 +1719,10 @@ def test_local_data_dir_loads_without_download(data_dir):
     (["--alpha", "nan"], "--alpha must be a number from -1000 to 1000"),
     (["--alpha", "inf"], "--alpha must be a number from -1000 to 1000"),
     (["--alpha", "-1e308"], "--alpha must be a number from -1000 to 1000"),
-    (["--samples", "."], "--samples . is a folder; give the samples.jsonl file inside it"),
+    (["--samples", "."], "--samples must be the samples.jsonl file of an earlier run (a regular file, not a"),
+    (["--samples", "/dev/zero"], "--samples must be the samples.jsonl file of an earlier run"),  # never read
+    (["--output-dir", ""], "--output-dir must be a folder name"),  # not the current folder
+    (["--gen-batch-size", "\u00b2"], "--gen-batch-size must be auto or at least 1"),  # isdigit, not a number
     (["--train-size", "0"], "--train-size must be at least 1"),
     (["--eval-size", "-3"], "--eval-size must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -1615,7 +1738,7 @@ def test_local_data_dir_loads_without_download(data_dir):
     (["--gen-batch-size", "0"], "--gen-batch-size must be auto or at least 1"),
     (["--gen-batch-size", "many"], "--gen-batch-size must be auto or at least 1"),
     (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
-    (["--samples", "/no/such/samples.jsonl"], "--samples /no/such/samples.jsonl does not exist"),
+    (["--samples", "/no/such/samples.jsonl"], "--samples must be the samples.jsonl file of an earlier run"),
     (["--fsdp"], "--fsdp splits training among several processes"),
     (["--engine", "vllm"], "--engine vllm needs vLLM"),  # not installed here: it needs CUDA
     (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295, got -1"),
@@ -1644,7 +1767,8 @@ def test_bad_data_files(tmp_path, capsys):
         "needs 'question' and 'answer'": write(tmp_path / "b.jsonl", '{"question": "q"}\n'),
         "expected a JSON object": write(tmp_path / "c.jsonl", "[1, 2]\n"),
         "is empty": write(tmp_path / "d.jsonl", "\n"),
-        "cannot read data file": tmp_path,  # a folder, not a file
+        "is not a regular file": tmp_path,  # a folder, not a file
+        "does not exist or is not a regular file": Path("/dev/zero"),  # a device: never read to its end
         "line 1 is not valid JSON": write(tmp_path / "e.jsonl", '{"question": "\u00e9 cut'),
         "has one row; the last fifth is held out": write(
             tmp_path / "f.jsonl", '{"question": "q", "answer": "1"}\n'
@@ -1728,8 +1852,8 @@ def test_bad_run_files_are_one_line_and_change_nothing(tiny_model, sevens_file, 
         (("--samples", str(partial)), "has samples of 3 of the 8 training questions"),
         (("--samples", str(empty)), "has samples of 0 of the 8 training questions"),
         (("--samples", str(five)), "has 5 samples, not --num-samples 4"),
-        (("--samples", str(tmp_path / "missing.jsonl")), "does not exist"),
-        (("--samples", "/dev/null"), "has samples of 0 of the 8 training questions"),
+        (("--samples", str(tmp_path / "missing.jsonl")), "--samples must be the samples.jsonl file of an"),
+        (("--samples", "/dev/null"), "(a regular file, not a folder or a device)"),
         (("--samples", str(elsewhere)), "line 1 holds another question than train-0 of this --dataset"),
         (("--samples", str(styleless)), "line 1 is not a record east.py wrote"),
     ]
@@ -1945,7 +2069,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(
         AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole)
     )
     for name, value in uninterrupted.items():
-        assert torch.allclose(resumed[name], value, rtol=1e-5, atol=1e-7), name
+        assert_close(resumed[name], value, rel=1e-5, what=name)
     results = {d: json.loads((d / "results.json").read_text()) for d in (out, whole)}
     assert [r["evaluation"] for r in results[out]["rounds"]] == [
         r["evaluation"] for r in results[whole]["rounds"]
@@ -2049,9 +2173,9 @@ def test_training_anew_voids_the_rounds_earlier_predictions(tiny_model, sevens_f
     out = tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
     rows = sorted(read_jsonl(out / "predictions_alpha1.jsonl"), key=lambda r: r["id"])
-    write(out / "predictions_alpha1.jsonl", "".join(
-        json.dumps({**r, "response": "stale", "correct": not r["correct"]}) + "\n" for r in rows))
-    (out / "results.json").unlink()  # the round is unfinished and its checkpoint gone: it trains anew
+    write(out / "predictions_alpha1.jsonl", "".join(  # a question short: the round is unfinished, and its
+        json.dumps({**r, "response": "stale", "correct": not r["correct"]}) + "\n" for r in rows[:-1]))
+    (out / "results.json").unlink()  # checkpoint is gone (its chain had finished): it trains anew
     assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
     assert sorted(read_jsonl(out / "predictions_alpha1.jsonl"), key=lambda r: r["id"]) == rows
 
@@ -2093,6 +2217,19 @@ def test_a_resumed_loss_log_is_cut_back_to_the_checkpoints_step(tmp_path):
     with east.open_loss_log(path, 0) as log:  # training from the start: a new log
         log.write(json.dumps({"step": 1}) + "\n")
     assert [r["step"] for r in read_jsonl(path)] == [1]
+
+
+def test_a_locked_folder_refuses_a_second_run_and_frees_when_closed(tmp_path):
+    # flock locks belong to an open file, so a second lock_folder in this very process is refused too.
+    east.lock_folder(tmp_path)
+    try:
+        with pytest.raises(east.UsageError, match="is in use by another run"):
+            east.lock_folder(tmp_path)
+    finally:
+        while east.HELD_LOCKS:
+            east.HELD_LOCKS.pop().close()
+    east.lock_folder(tmp_path)  # free again once closed
+    east.HELD_LOCKS.pop().close()
 
 
 @pytest.mark.slow
@@ -2219,7 +2356,8 @@ def checkpoint_damage(path):
 
 RUN_FILES = {  # each kind of file east.py reads back, in the stopped run
     "config.json": lambda path: json_damage(path.read_text(), dict.fromkeys(json.loads(path.read_text()))),
-    "results.json": lambda path: json_damage(path.read_text(), east.RESULTS),
+    "results.json": lambda path: json_damage(path.read_text(), dict.fromkeys(json.loads(path.read_text()))),
+    "timings.jsonl": lambda path: jsonl_damage(path.read_bytes(), {"phase": str, **east.PHASE}),
     "samples.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.SAMPLE),
     "predictions_backbone.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.PREDICTION),
     "predictions_alpha0.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.PREDICTION),  # finished
@@ -2259,7 +2397,9 @@ def test_a_damaged_run_file_is_one_line_or_repaired(stopped_run, name, tmp_path,
         outcomes[code] += 1
         shutil.rmtree(folder)
     print(f"{name}: {len(damaged)} damaged versions, exit codes {dict(outcomes)}")
-    assert outcomes[2] or name == "train_log_alpha1.jsonl"  # the log is only ever cut back: never refused
+    # The report and the timings are never an input, and the loss log is only ever cut back: never refused.
+    never_read = ("results.json", "timings.jsonl", "train_log_alpha1.jsonl")
+    assert outcomes[2] == 0 if name in never_read else outcomes[2] > 0
 
 
 @pytest.mark.slow
@@ -2288,16 +2428,19 @@ def test_a_damaged_checkpoint_of_the_next_rounds_start_is_one_line(tiny_model, s
 
 
 @pytest.mark.slow
-def test_a_finished_rounds_missing_predictions_are_a_warning(stopped_run, tmp_path, capsys):
+def test_a_finished_rounds_missing_predictions_make_it_run_again(stopped_run, tmp_path, monkeypatch):
+    # The records are the truth: without its predictions alpha0 is not finished, so it trains and is
+    # evaluated again (its chain's checkpoint is gone), and the report holds both rounds as before.
     folder = tmp_path / "out"
     shutil.copytree(stopped_run.out, folder)
     (folder / "predictions_alpha0.jsonl").unlink()
-    capsys.readouterr()
+    trainings = count_calls(monkeypatch, "train")
     assert east.main(stopped_run.argv(folder)) == 0
-    assert (f"warning: {folder / 'predictions_alpha0.jsonl'} of a finished round is missing, so its "
-            f"comparisons are left out") in capsys.readouterr().out
+    assert len(trainings) == 2  # alpha0 again, and alpha1 resumed
+    assert lines_of(folder / "predictions_alpha0.jsonl") == 2
     comparisons = json.loads((folder / "results.json").read_text())["comparisons"]
-    assert [(c["first"], c["second"]) for c in comparisons] == [("backbone", "alpha1")]
+    assert [(c["first"], c["second"]) for c in comparisons] == [
+        ("backbone", "alpha0"), ("backbone", "alpha1"), ("alpha0", "alpha1")]
 
 
 @pytest.mark.slow
@@ -2316,6 +2459,41 @@ def test_reruns_keep_every_phase_timing_and_add_to_a_resumed_one(stopped_run, tm
     assert east.main(stopped_run.argv(folder)) == 0  # a plain rerun of the finished folder
     again = json.loads((folder / "results.json").read_text())["phases"]
     assert again.keys() == resumed.keys() and again["train alpha1"] == resumed["train alpha1"]
+
+
+@pytest.mark.slow
+def test_a_deleted_or_damaged_report_is_rebuilt_from_the_records_without_training(stopped_run, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # results.json is written, never read: deleted (or damaged), the rerun of a finished folder rebuilds the
+    # same rounds, counts, evaluations and comparisons from the samples and predictions, and trains and
+    # samples nothing. A damaged timings row is left out with a warning; the others are kept.
+    folder = tmp_path / "out"
+    shutil.copytree(stopped_run.out, folder)
+    assert east.main(stopped_run.argv(folder)) == 0
+    report = json.loads((folder / "results.json").read_text())
+    (folder / "results.json").unlink()
+    with open(folder / "timings.jsonl", "a") as log:
+        log.write('{"phase": "sample", "seconds": NaN}\n')
+    trainings, generations = count_calls(monkeypatch, "train"), count_calls(monkeypatch, "generate")
+    capsys.readouterr()
+    assert east.main(stopped_run.argv(folder)) == 0
+    printed = capsys.readouterr().out
+    assert trainings == [] and generations == []
+    assert f"warning: 1 damaged rows of {folder / 'timings.jsonl'} are left out of the timings" in printed
+    rebuilt = json.loads((folder / "results.json").read_text())
+    for key in ("rounds", "comparisons", "repeats", "backbone"):
+        assert rebuilt[key] == report[key], key
+    assert rebuilt["phases"]["sample"]["tokens"] == report["phases"]["sample"]["tokens"]
+
+
+def test_the_lock_is_never_followed_through_a_symlink(tmp_path, capsys):
+    outside = write(tmp_path / "precious.txt", "do not touch")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").symlink_to(outside)
+    argv = ["--dataset", "arith", "--output-dir", str(out), "--device", "cpu"]
+    message = run_main_expecting_error(argv, capsys)
+    assert ".lock" in message and outside.read_text() == "do not touch"
 
 
 @pytest.mark.slow
@@ -2423,22 +2601,29 @@ def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
             "--output-dir", str(tmp_path)]
     assert east.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["phases"])[:5] == ["sample (batched)", "sample (naive loop)", "eval (greedy)",
-                                          "train (1 epoch)", "peer: model.generate"]
+    assert list(report["phases"])[:4] == ["sample (batched)", "eval (greedy)", "train (1 epoch)",
+                                          "peer: model.generate"]
     for phase in report["phases"].values():
         assert phase["tokens"] > 0 and phase["peak_memory_mb"] > 0 and phase["share_of_flop_bound"] > 0
-    assert report["sampling_speedup_vs_naive"] > 0
-    assert "batched sampling is" in capsys.readouterr().out
+    assert "sample (batched): " in capsys.readouterr().out  # set against model.generate
 
 
 # -----------------------------------------------------------------------------
 # Reporting: paired comparisons
 
-def test_mcnemar_hand_values():
-    assert east.mcnemar_p(1, 9) == pytest.approx(0.02148, abs=1e-5)  # 2 * (1 + 10) / 2^10
-    assert east.mcnemar_p(9, 1) == east.mcnemar_p(1, 9)
-    assert east.mcnemar_p(4, 4) == 1.0 and east.mcnemar_p(0, 0) == 1.0
-    assert east.mcnemar_p(0, 6) == pytest.approx(2 / 64)
+def mcnemar_p(lost, gained):
+    """McNemar's exact two-sided p-value, by hand: a binomial test at 1/2 on the discordant questions."""
+    n = lost + gained
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2 ** n)
+
+
+def test_one_runs_p_value_is_mcnemars_exact_test():
+    # One repeat's differences are -1 (lost), +1 (gained) or 0: the sign-flip test is McNemar's exact test
+    cases = [(1, 9, 0.02148), (9, 1, 0.02148), (4, 4, 1.0), (0, 0, 1.0), (0, 6, 2 / 64)]
+    for lost, gained, expected in cases:
+        differences = [-1] * lost + [1] * gained + [0] * 5
+        assert east.sign_flip_p(differences) == pytest.approx(expected, abs=1e-5)  # 2 * (1 + 10) / 2^10 ...
+        assert east.sign_flip_p(differences) == pytest.approx(mcnemar_p(lost, gained))
 
 
 def test_repeat_statistics_hand_values():
@@ -2467,14 +2652,14 @@ def test_sign_flip_test_hand_values():
     assert east.sign_flip_p(table) == sum(abs(s) >= abs(sum(table)) for s in sums) / 32
     for lost, gained in [(0, 3), (1, 9), (3, 3), (2, 10)]:  # one run's 0/1 grades: McNemar's p
         differences = [-1] * lost + [1] * gained + [0] * 5
-        assert east.sign_flip_p(differences) == pytest.approx(east.mcnemar_p(lost, gained))
+        assert east.sign_flip_p(differences) == pytest.approx(mcnemar_p(lost, gained))
 
 
 def test_pooled_repeats_count_each_question_once():
     first = {f"q{i}": [i < 10] for i in range(40)}
     second = {f"q{i}": [i < 18 and i != 3] for i in range(40)}  # 8 gained, 1 lost
     one = east.paired_difference(first, second)
-    assert one["p"] == east.mcnemar_p(1, 8) and one["repeats"] == 1
+    assert one["p"] == pytest.approx(mcnemar_p(1, 8)) and one["repeats"] == 1
     for k in (2, 5):  # K identical repeats: the p-value of one run, not a smaller one
         copies = east.paired_difference({q: c * k for q, c in first.items()},
                                         {q: c * k for q, c in second.items()})
@@ -2487,28 +2672,84 @@ def test_pooled_repeats_count_each_question_once():
     assert (c["p"], c["difference"], c["by_repeat"]) == (1.0, 0.0, [100.0, -100.0])
 
 
+def test_weight_levels_hand_values():
+    points = [(0, 0.0), (1, 0.8), (1, 0.8), (1.5, 1.2), (2, 1.6), (2, 1.6)]  # mean weight 1 over 6 examples
+    expected = [(0, 1, 0.0, 0.0), (1, 2, 0.8, 1.6 / 6), (1.5, 1, 1.2, 1.2 / 6), (2, 2, 1.6, 3.2 / 6)]
+    for level, want in zip(east.weight_levels(points), expected, strict=True):
+        assert level == pytest.approx(want)
+
+
+def summary_of(records, alphas, tmp_path, capsys, loss="sft"):
+    """The summary printed for hand-made samples trained at each alpha (no model: stand-in examples)."""
+    flags = ["--num-samples", "4", "--loss", loss, "--alpha", *map(str, alphas)]
+    args = east.build_parser().parse_args(flags)
+    evaluation = {"accuracy": 0.5, "correct": 1, "total": 2, "truncated": 0.0}
+    rounds = []
+    for alpha in alphas:
+        scored = east.score_questions(records, alpha, loss=loss)
+        planned = types.SimpleNamespace(tag=f"alpha{alpha:g}", name=f"alpha{alpha:g}", alpha=alpha, repeat=1)
+        rounds.append(east.round_report(planned, scored, evaluation, args))
+    report = {"config": vars(args), "backbone": evaluation, "rounds": rounds, "comparisons": [], "phases": {},
+              "repeats": {}}
+    capsys.readouterr()
+    east.summarise(report, tmp_path)
+    return rounds, capsys.readouterr().out.splitlines()
+
+
+def test_the_summary_shows_the_training_set_by_entropy_level(tmp_path, capsys):
+    # hand_made_records: q0, q1, q2 kept with H = 0, 1, 2 bits (q3 dropped). At a = 1, w = H / mean H = 0, 1,
+    # 2, so the levels carry 0, 1/3 and 2/3 of the training signal; at a = 0 a third each.
+    rounds, lines = summary_of(hand_made_records(), [0, 1], tmp_path, capsys)
+    assert rounds[1]["counts"] == {**rounds[1]["counts"], "kept": 3, "trained": 3, "no_correct_path": 1}
+    table = lines.index("      H (bits)  examples     w a=0  share     w a=1  share")
+    assert lines[table + 1:table + 4] == ["          0.00         1      1.00    33%      0.00     0%",
+                                          "          1.00         1      1.00    33%      1.00    33%",
+                                          "          2.00         1      1.00    33%      2.00    67%"]
+    assert "3 sft examples by level of H (bits)" in lines[table - 1]
+    assert not any("uniform weights instead" in line for line in lines)
+    # KTO trains q1 and q2 twice (a desirable and an undesirable example): 5 examples, mean weight 1
+    _, lines = summary_of(hand_made_records(), [1], tmp_path, capsys, loss="kto")
+    table = lines.index("      H (bits)  examples     w a=1  share")
+    assert lines[table + 1:table + 4] == ["          0.00         1      0.00     0%",
+                                          "          1.00         2      0.83    33%",
+                                          "          2.00         2      1.67    67%"]
+
+
+def test_the_summary_says_when_every_trained_question_has_entropy_zero(tmp_path, capsys):
+    # Only q0 (all four answers 7) and q3 (none right) of hand_made_records: at a = 1 f(H) = 0 for the one
+    # trained question, so the weights fall back to uniform, and the summary says so rather than "w = 0".
+    records = [hand_made_records()[i] for i in (0, 3)]
+    _, lines = summary_of(records, [0, 1], tmp_path, capsys)
+    table = lines.index("      H (bits)  examples     w a=0  share     w a=1  share")
+    assert lines[table + 1] == "          0.00         1      1.00   100%      1.00   100%"
+    assert lines[table + 2].strip() == ("at a=1 every trained question has u = 0, so f(u) = 0 for all: "
+                                        "uniform weights instead (this round is vanilla)")
+
+
 def test_a_repeat_that_trains_like_an_earlier_one_counts_once(tmp_path, capsys):
     scored = east.score_questions(hand_made_records(), 1.0)
-    examples = [{"sequence": {"input_ids": [i], "labels": [i]}, "weight": 1.0} for i in range(3)]
 
     def entry(tag, repeat, seed, batch_size):
         planned = types.SimpleNamespace(tag=tag, name="alpha1", alpha=1.0, repeat=repeat)
         args = argparse.Namespace(num_samples=4, weighting="entropy", batch_size=batch_size, epochs=2,
-                                  seed=seed)
-        return east.round_report(planned, scored, examples, {"accuracy": 0.5}, args)
+                                  seed=seed, loss="sft")
+        return east.round_report(planned, scored, {"accuracy": 0.5}, args)
 
     # One batch holds every example, so another seed's shuffle trains the same; batches of one do not.
     rounds = [entry("alpha1_r1", 1, 0, 8), entry("alpha1_r2", 2, 1000, 8), entry("alpha1_r3", 3, 0, 1)]
     assert rounds[0]["training"] == rounds[1]["training"] != rounds[2]["training"]
     assert entry("x", 1, 0, 1)["training"] != entry("x", 1, 1, 1)["training"]  # other shuffles
-    folder = east.RunFolder(east.build_parser().parse_args(["--output-dir", str(tmp_path), "--repeats", "3"]))
+    test_questions = [{"id": "test-0", "question": "q", "gold": "7", "style": "math"}]
+    folder = east.RunFolder(east.build_parser().parse_args(["--output-dir", str(tmp_path), "--repeats", "3"]),
+                            [], test_questions)
     for tag in ("backbone", "alpha1_r1", "alpha1_r2", "alpha1_r3"):
         row = {"id": "test-0", "question": "q", "gold": "7", "response": "7", "correct": tag != "backbone"}
         write(tmp_path / f"predictions_{tag}.jsonl", json.dumps(row) + "\n")
+    timed = types.SimpleNamespace(figures=dict, save=lambda: None)
     try:
-        with folder.recording({"accuracy": 0.0}, 0, types.SimpleNamespace(figures=dict.copy)) as report:
+        with folder.recording({"accuracy": 0.0}, 0, timed) as report:
             for r in rounds:
-                folder.add_round(r, scored)
+                folder.add_round(r)
     finally:
         east.HELD_LOCKS.pop().close()
     printed = capsys.readouterr().out
@@ -2530,7 +2771,7 @@ def test_paired_difference_and_bootstrap_interval():
         first[f"q{i}"], second[f"q{i}"] = [True], [False]
     c = east.paired_difference(first, second)
     assert (c["gained"], c["lost"], c["questions"]) == (12, 3, 100)
-    assert c["difference"] == pytest.approx(9.0) and c["p"] == pytest.approx(east.mcnemar_p(3, 12))
+    assert c["difference"] == pytest.approx(9.0) and c["p"] == pytest.approx(mcnemar_p(3, 12))
     low, high = c["ci95"]
     assert low < 9.0 < high and 0 < low and high < 20  # holds the observed difference; excludes 0 here
     assert east.paired_difference(first, second) == c  # a fixed seed: the same interval every time
