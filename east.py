@@ -705,9 +705,7 @@ def majority_answer(answers):
 
 def accuracy_report(rows, k=0):
     """Accuracy (and maj@k, pass@k) over prediction rows, also per MATH level and subject when known."""
-    def share(flags):
-        flags = list(flags)
-        return sum(flags) / len(flags)
+    share = statistics.fmean  # of flags: the share that are True
     report = {"accuracy": share(r["correct"] for r in rows), "correct": sum(r["correct"] for r in rows),
               "total": len(rows), "truncated": share(not r.get("ended", True) for r in rows)}
     if k:
@@ -1666,8 +1664,8 @@ def load_model(name, device):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # transformers raises many kinds for a folder it cannot read (OSError, ValueError,
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # TypeError, ...)
         raise UsageError(f"could not load --model {name!r} ({reason[:160]}); give a local folder, a hub id "
                          f"on a machine with internet, or --model {BUNDLED_MODEL} for the bundled offline "
                          f"model") from None
@@ -1709,12 +1707,18 @@ class RunFolder:
                              f"folder") from None
         lock_folder(self.path)
         NEW_FOLDERS.extend([self.path] if new else [])  # locked: main() removes it if left empty
-        old = read_json(self / "config.json", {}, "delete it to resume without checking the flags against it")
+        for path in self.path.glob("*.*"):  # every run file (and chart): none read or written through a link
+            run_file(path)
+        config = run_file(self / "config.json")
+        old = parsed_json(config.read_bytes()) if config.exists() else {}
+        if not isinstance(old, dict):
+            raise UsageError(f"{config} is not valid JSON, or not the object east.py writes; delete it to "
+                             f"resume without checking the flags against it")
         checks = [(RESUME_KEYS, (self / "samples.jsonl").exists()),
                   (("eval_samples",), any(self.path.glob("predictions_*"))),
                   (ROUND_KEYS, any(self.path.glob("train_log_*")) or any(self.path.glob("checkpoint_*")))]
         for keys, applies in checks:  # a flag missing from an older config.json was off (None, False, 0)
-            changed = [k for k in keys if old is not None and applies
+            changed = [k for k in keys if old and applies
                        and (old.get(k) or None) != (vars(args).get(k) or None)]
             if changed:
                 flags = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
@@ -1753,10 +1757,9 @@ class RunFolder:
     def samples_path(self, planned):
         """The samples a round trains on: from iteration 2 on its own, drawn with the weights of the round
         before it; else its repeat's (with --same-samples every repeat's are the first's)."""
-        if planned.iteration > 1:
-            return self / f"samples_{planned.tag}.jsonl"
-        own = planned.repeat > 1 and not self.args.same_samples
-        return self / (f"samples_r{planned.repeat}.jsonl" if own else "samples.jsonl")
+        own = planned.iteration > 1 or planned.repeat > 1 and not self.args.same_samples
+        name = planned.tag if planned.iteration > 1 else f"r{planned.repeat}"
+        return self / (f"samples_{name}.jsonl" if own else "samples.jsonl")
 
     def rounds_to_run(self, repeat, round_args):
         """The rounds of one repeat still to run: each alpha's chain of iterations, each round with `start`,
@@ -1809,7 +1812,7 @@ class RunFolder:
             model.to("meta")  # and so would these weights: freed first, the fresh copy reuses their memory
             model, tokenizer = load_model(self.args.model, device)
             if start is not None:
-                model.load_state_dict(read_checkpoint(self.checkpoint(start).path, mmap=True)["model"])
+                read_checkpoint(self.checkpoint(start).path, model, mmap=True)  # its weights into model
             self.holds = start
         return model, tokenizer
 
@@ -1856,14 +1859,13 @@ class Checkpoint:
         self.path, self.stale, self.state, self.saved = path, stale, None, time.time()
 
     def holds_finished_training(self, model, total_steps):
-        """Reads the checkpoint; when its training is finished, loads its weights into model: True."""
+        """Reads the checkpoint and loads its weights into model; True when its training is finished."""
         if self.path and self.path.exists():
-            self.state = read_checkpoint(self.path)
+            self.state = read_checkpoint(self.path, model)  # and its weights loaded into model
             if self.state["total_steps"] != total_steps:
                 raise UsageError(f"{self.path} is from a training of {self.state['total_steps']} steps, not "
                                  f"{total_steps}; delete it to train afresh, or use another --output-dir")
             if self.state["step"] == total_steps:
-                model.load_state_dict(self.state.pop("model"))
                 print(f"training: finished in an earlier run ({self.path.name}); skipped")
                 return True
         if self.stale:
@@ -1904,8 +1906,9 @@ def open_loss_log(path, steps):
     if not is_main():
         return open(os.devnull, "w")
     if steps and path.exists():  # whole rows, as bytes: a damaged one is kept as it is, and never read
-        write_atomically(path, b"".join(row + b"\n" for row in path.read_bytes().split(b"\n")[:-1][:steps]))
-    return open(path, "a" if steps else "w", encoding="utf-8", buffering=1)
+        rows = run_file(path).read_bytes().split(b"\n")[:-1][:steps]
+        write_atomically(path, b"".join(row + b"\n" for row in rows))
+    return open(run_file(path), "a" if steps else "w", encoding="utf-8", buffering=1)
 
 def records_in_batches(path, questions, batch_size, label, make_records, num_samples=None):
     """Every question's record, in order, from path (JSONL): those it lacks are made by make_records(batch)
@@ -1960,28 +1963,28 @@ def fits(value, shape):
     return isinstance(value, dict) and all(fits(value[key.rstrip("?")], s) if key.rstrip("?") in value
                                            else key.endswith("?") for key, s in shape.items())
 
-def read_json(path, shape, fix):
-    """A JSON file of the run folder, None when there is none; one line naming it, and `fix`, when broken."""
-    try:
-        value = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, RecursionError) as e:  # unreadable, not JSON, or nested beyond reading
-        problem = f"cannot be read ({e.strerror})" if isinstance(e, OSError) else f"is not valid JSON ({e})"
-        raise UsageError(f"{path} {problem}; {fix}") from None
-    if not fits(value, shape):
-        raise UsageError(f"{path} is not the file east.py wrote (its fields or their types differ); {fix}")
-    return value
+def run_file(path):
+    """path, when it is a regular file of the run folder or missing. A symlink (it could lead out of the
+    folder, and east.py appends to and rewrites its files), a folder, a device or a FIFO (/dev/zero would be
+    read forever) is refused in one line, and never read."""
+    if path.is_symlink() or path.exists() and not path.is_file():
+        raise UsageError(f"{path} cannot be read: it is not a regular file (a symlink, folder, device or "
+                         f"FIFO); remove it, or use another --output-dir")
+    return path
 
-def read_checkpoint(path, **load):
-    """A training checkpoint (Checkpoint.save), checked whole; one line naming it when it is damaged."""
+def read_checkpoint(path, model=None, **load):
+    """A training checkpoint (Checkpoint.save), checked whole; given a model, its weights are loaded into it,
+    which checks their names and shapes. One line naming it when it is damaged or another model's."""
     try:
-        state = torch.load(path, weights_only=True, **load)
+        state = torch.load(run_file(path), weights_only=True, **load)
         if fits(state, CHECKPOINT) and (state["step"] == state["total_steps"] or fits(state, TRAINING_STATE)):
+            if model is not None:  # load_state_dict refuses a missing, extra or reshaped weight
+                model.load_state_dict(state["model"])
             return state
     except Exception:  # torch raises many types for a damaged file: one line says it, whichever
         pass
-    raise UsageError(f"{path} is damaged (cut off or overwritten); delete it to train that round anew")
+    raise UsageError(f"{path} is damaged (cut off or overwritten) or holds another model's weights; delete "
+                     f"it to train that round anew")
 
 def write_atomically(path, content):
     """Write to a temporary name, then rename: a kill or a full disk mid-write leaves the old file whole and
@@ -2002,7 +2005,7 @@ def read_records(path, questions, num_samples=None, cut="repair"):
     """Finished records of an earlier, possibly interrupted run by question id, each line checked whole
     (parse_record; a bad one is an error naming it). A last line cut off mid-write is left out; cut="repair"
     also drops it from the file (its question is redone), "keep" leaves it, "refuse" makes it an error."""
-    data = path.read_bytes() if path.exists() else b""
+    data = run_file(path).read_bytes() if path.exists() else b""
     complete = data[:data.rfind(b"\n") + 1]
     lines, questions, records = complete.split(b"\n")[:-1], {q["id"]: q["question"] for q in questions}, {}
     if len(complete) < len(data) and cut == "refuse":
@@ -2045,7 +2048,7 @@ def use_samples_file(source, samples_path, questions, num_samples):
     copied into the run folder, which may already hold exactly that file and no other samples."""
     if not source:
         return
-    source = Path(source)
+    source = Path(source).resolve()  # a symlink to a samples file is fine here: it is only read
     records = read_records(source, questions, num_samples, cut="refuse")
     missing = [q for q in questions if q["id"] not in records]
     if missing:
@@ -2114,7 +2117,7 @@ class PhaseTimer:
 def read_timings(path):
     """The rows of a timings log that are whole and sane; a damaged one is left out, with a warning: the
     timings are a report, never an input to the method."""
-    lines = path.read_bytes().splitlines() if path.exists() else []
+    lines = run_file(path).read_bytes().splitlines() if path.exists() else []
     rows = [row for row in map(parsed_json, lines) if fits(row, {"phase": str, **PHASE})
             and row["seconds"] > 0 and all(0 <= row[k] < 1e15 for k in PHASE)]  # finite, and fit a float
     if len(rows) < len(lines):

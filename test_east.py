@@ -2403,6 +2403,27 @@ def test_a_damaged_run_file_is_one_line_or_repaired(stopped_run, name, tmp_path,
 
 
 @pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_one_line(stopped_run, tmp_path, capsys):
+    # Its weights empty, one missing, one of another shape, one too many: one line naming it, no traceback,
+    # and the records (samples, predictions, checkpoints) as they were.
+    state = torch.load(stopped_run.out / "checkpoint_alpha1.pt", weights_only=True)
+    name, weight = next(iter(state["model"].items()))
+    for number, weights in enumerate([{}, {k: v for k, v in state["model"].items() if k != name},
+                                      {**state["model"], name: weight.reshape(-1)},
+                                      {**state["model"], "extra.weight": weight}]):
+        folder = tmp_path / f"case{number}"
+        shutil.copytree(stopped_run.out, folder)
+        torch.save({**state, "model": weights}, folder / "checkpoint_alpha1.pt")
+        def records():  # the samples, predictions and checkpoints
+            files = folder_files(folder)
+            return {k: files[k] for k in files if k.startswith(("samples", "predictions", "checkpoint"))}
+        before = records()
+        message = run_main_expecting_error(stopped_run.argv(folder), capsys)
+        assert "checkpoint_alpha1.pt is damaged (cut off or overwritten) or holds another model's" in message
+        assert records() == before
+
+
+@pytest.mark.slow
 def test_a_damaged_checkpoint_of_the_next_rounds_start_is_one_line(tiny_model, sevens_file, tmp_path, capsys):
     # The chain's checkpoint that iteration 2 starts from, cut off: one line naming it, nothing written.
     out = tmp_path / "out"
@@ -2486,6 +2507,25 @@ def test_a_deleted_or_damaged_report_is_rebuilt_from_the_records_without_trainin
     assert rebuilt["phases"]["sample"]["tokens"] == report["phases"]["sample"]["tokens"]
 
 
+RUN_FILE_NAMES = ["config.json", "samples.jsonl", "predictions_backbone.jsonl", "timings.jsonl",
+                  "checkpoint_alpha1.pt", "train_log_alpha1.jsonl", "results.json"]
+
+
+@pytest.mark.parametrize("name", RUN_FILE_NAMES)
+def test_a_run_file_that_is_a_symlink_or_a_device_is_refused_unread(name, tmp_path, capsys):
+    # A symlink to /dev/zero would be read forever, one out of the folder would be written through: refused
+    # in one line naming it, before anything is written; the same for a FIFO.
+    for number, make in enumerate((lambda path: path.symlink_to("/dev/zero"), os.mkfifo)):
+        out = tmp_path / f"out{number}"
+        out.mkdir()
+        make(out / name)
+        before = sorted(p.name for p in out.iterdir())
+        argv = ["--dataset", "arith", "--output-dir", str(out), "--device", "cpu", "--num-samples", "2"]
+        message = run_main_expecting_error(argv, capsys)
+        assert f"{out / name} cannot be read: it is not a regular file" in message
+        assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == before
+
+
 def test_the_lock_is_never_followed_through_a_symlink(tmp_path, capsys):
     outside = write(tmp_path / "precious.txt", "do not touch")
     out = tmp_path / "out"
@@ -2535,6 +2575,16 @@ def test_a_short_training_writes_one_checkpoint_of_weights_alone(tiny_model, sev
     assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "slow", "--epochs", "3")) == 0
     assert len(saved) == 6 and all("optimizer" in keys for keys in saved[:-1])
     assert "optimizer" not in saved[-1]
+
+
+def test_a_model_folder_transformers_cannot_read_is_one_line(tiny_model, tmp_path, capsys):
+    for number, (name, content) in enumerate([("config.json", b"[]"), ("model.safetensors", b"garbage")]):
+        folder = tmp_path / f"model{number}"
+        shutil.copytree(tiny_model, folder)
+        (folder / name).write_bytes(content)
+        argv = ["--model", str(folder), "--dataset", "arith", "--output-dir", str(tmp_path / "out"),
+                "--device", "cpu"]
+        assert f"could not load --model '{folder}'" in run_main_expecting_error(argv, capsys)
 
 
 def test_unreadable_config_is_one_line(tmp_path, capsys):
