@@ -2215,7 +2215,7 @@ def benchmark(args):
         with contextlib.redirect_stdout(None), timed(name):  # print() writes nothing to None
             examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
                         for q in make_arith(BENCH_QUESTIONS, args.seed)]
-            train(model, tokenizer, examples, train_args, Path(os.devnull))
+            train(model, tokenizer, examples, train_args, out_dir / "train_log.jsonl")
     timed.rows = [row for row in timed.rows if row["phase"] != "warm-up"]  # both trainings measured warm
     with timed("peer: model.generate"):  # the same sampling through transformers' model.generate
         torch.manual_seed(args.seed)
