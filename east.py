@@ -711,11 +711,10 @@ def accuracy_report(rows, k=0):
     if k:
         report[f"maj@{k}"] = share(r["majority_correct"] for r in rows)
         report[f"pass@{k}"] = share(r["any_correct"] for r in rows)
-    for field in ("level", "subject"):
-        groups = sorted({r[field] for r in rows if field in r}, key=str)  # levels may be numbers or text
-        if groups:
-            report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r.get(field) == g)
-                                     for g in groups}
+    for field in ("level", "subject"):  # only where every row has one: else the groups would not sum to all
+        groups = sorted({r.get(field) for r in rows}, key=str)  # levels may be numbers or text
+        if None not in groups:
+            report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r[field] == g) for g in groups}
     return report
 
 
@@ -1401,13 +1400,12 @@ def check_args(args):
         bad = [v for v in (value if isinstance(value, list) else [value]) if not test(v)]  # --alpha: a list
         if bad:
             raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {bad[0]!r}")
-    if args.engine == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
-                             "or leave out --engine to use east.py's own decoding loop")
-        if launched_as_several():
-            raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
-                             "without accelerate launch, or leave out --engine vllm")
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
+                         "or leave out --engine to use east.py's own decoding loop")
+    if args.engine == "vllm" and launched_as_several():
+        raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
+                         "without accelerate launch, or leave out --engine vllm")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise UsageError("east.py does not use DeepSpeed; launch without --use_deepspeed and add --fsdp "
                          "to split training among the processes")
@@ -1734,8 +1732,11 @@ class RunFolder:
             read_records(path, train_questions, self.args.num_samples, cut="keep")
         for path in self.path.glob("checkpoint_*.pt"):
             read_checkpoint(path, mmap=True)
-        for path in self.path.glob("predictions_*.jsonl"):
-            read_records(path, test_questions, cut="keep")
+        for path in self.path.glob("predictions_*.jsonl"):  # with --eval-samples k, each has maj@k's grades
+            rows = read_records(path, test_questions, cut="keep").values()
+            if self.args.eval_samples and any({"majority_correct", "any_correct"} - set(r) for r in rows):
+                raise UsageError(f"{path} lacks the maj@k grades of --eval-samples {self.args.eval_samples}; "
+                                 f"delete it to make its predictions again")
 
     def __truediv__(self, name):
         return self.path / name
@@ -2408,15 +2409,14 @@ def summarise(report, out):
         first = report["rounds"][0]
         e, c, ex = first["entropy"], first["counts"], first["example"]
         clusters = ", ".join(f"{a!r} x{count}" for a, count in ex["clusters"])
-        partial, no_path = c["partial_agreement"], c["no_correct_path"]
         lines += [
-            f"questions        {c['sampled']} sampled, {c['kept']} kept; dropped {no_path} with no correct "
-            f"path, {c['dropped'] - no_path} whose correct paths were all cut off",
+            f"questions        {c['sampled']} sampled, {c['kept']} kept; dropped {c['no_correct_path']} with "
+            f"no correct path, {c['dropped'] - c['no_correct_path']} whose correct paths were all cut off",
             f"samples          {c['truncated_samples']:.0%} cut off at {config['max_new_tokens']} new tokens "
             f"(they count only an answer they state, and are never trained on)",
             f"entropy H        min {e['min']:.2f}  mean {e['mean']:.2f}  max {e['max']:.2f} bits "
-            f"(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {partial} of {c['sampled']} "
-            f"({partial / c['sampled']:.0%})",
+            f"(log2 n = {math.log2(n):.2f}); 0 < H < log2 n for {c['partial_agreement']} of {c['sampled']} "
+            f"({c['partial_agreement'] / c['sampled']:.0%})",
             f"example          {ex['question'][:90]!r}",
             f"                 gold {ex['gold']!r}; clusters {clusters}; H = {ex['entropy']:.2f}, "
             f"w = {ex['weight']:.2f} (a={first['alpha']:g})"]
@@ -2457,7 +2457,7 @@ def summarise(report, out):
     print("\n".join(lines + ["======================================================"]))
     draw_charts(report, out)
     print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl "
-          f"results.json")
+          f"timings.jsonl results.json")
 
 def text_bars(title, labels, values, intervals=None, width=40):
     """A horizontal bar chart in plain text, with each value's 95% interval when given."""

@@ -1085,6 +1085,17 @@ def test_accuracy_report_with_majority_pass_and_breakdown():
     assert report["by_subject"] == {"Algebra": pytest.approx(1 / 3), "Geometry": 0.0}
 
 
+def test_a_breakdown_is_made_only_from_a_field_every_row_has():
+    # A level on some rows only (a file edited by hand, rows of two datasets): a breakdown of those rows would
+    # not add up to the whole, so there is none; levels of mixed types (3 and "3") are groups of their own.
+    rows = [{"correct": True, "level": 3}, {"correct": False, "level": "3"}, {"correct": True, "level": 3},
+            {"correct": False, "subject": "Algebra"}]
+    report = east.accuracy_report(rows[:3])
+    assert report["by_level"] == {3: 1.0, "3": 0.0} and "by_subject" not in report
+    report = east.accuracy_report(rows)
+    assert "by_level" not in report and "by_subject" not in report and report["accuracy"] == 0.5
+
+
 def test_majority_answer_is_the_largest_answered_cluster_and_the_first_seen_on_a_tie():
     assert east.majority_answer(["1", "2", "2"]) == "2"  # the most common, not the first sample
     assert east.majority_answer(["2", "1", "1"]) == "1"
@@ -2316,9 +2327,20 @@ def wrong_types(value):
     return [None, "text"] if not isinstance(value, str) else [None, 7]
 
 
-def json_damage(text, shape):
-    """Broken versions of a JSON text: each key of the shape (and of a first list item) removed or of
-    another type, the whole of another type, and nested deeply."""
+# Values JSON can hold (Python's json reads NaN and Infinity) that no count, flag or text may be: a number
+# that is not finite, and one too large for a float.
+ODD_NUMBERS = [float("nan"), float("inf"), -float("inf"), 10 ** 400]
+
+
+def other_lengths(value):
+    """A list one shorter and one longer: a pair of the wrong length, a sample too few or too many."""
+    return [value[:-1], value + value[-1:]] if isinstance(value, list) and value else []
+
+
+def json_damage(text, shape, odd=None):
+    """Broken versions of a JSON text: each key of the shape (and of a first list item) removed, of another
+    type, and (each key of odd; None: every key) an odd number and a list of another length; the whole of
+    another type, and nested deeply."""
     value = json.loads(text)
     cases = [json.dumps(other) for other in ([], "text", 3)] + ["[" * 100_000 + "]" * 100_000]
     places = [(value, shape)]
@@ -2329,7 +2351,8 @@ def json_damage(text, shape):
         for key in [k.rstrip("?") for k in target_shape if k.rstrip("?") in target]:
             original = target.pop(key)
             cases.append(json.dumps(value))
-            for other in wrong_types(original):
+            odd_values = ODD_NUMBERS + other_lengths(original) if odd is None or key in odd else []
+            for other in wrong_types(original) + odd_values:
                 target[key] = other
                 cases.append(json.dumps(value))
             target[key] = original
@@ -2337,9 +2360,13 @@ def json_damage(text, shape):
 
 
 def jsonl_damage(data, shape):
-    """Broken versions of a JSONL file: its first line damaged as json_damage does a file."""
+    """Broken versions of a JSONL file: its first line damaged as json_damage does a file, and, where the
+    records name their question, the first one's id made one that is not in the data."""
     first, rest = data.split(b"\n", 1)
-    return [line.replace(b"\n", b" ") + b"\n" + rest for line in json_damage(first.decode(), shape)]
+    cases = [line.replace(b"\n", b" ") + b"\n" + rest for line in json_damage(first.decode(), shape)]
+    if "id" in shape:
+        cases.append(json.dumps({**json.loads(first), "id": "test-99"}).encode() + b"\n" + rest)
+    return cases
 
 
 def checkpoint_damage(path):
@@ -2358,8 +2385,12 @@ def checkpoint_damage(path):
 
 
 RUN_FILES = {  # each kind of file east.py reads back, in the stopped run
-    "config.json": lambda path: json_damage(path.read_text(), dict.fromkeys(json.loads(path.read_text()))),
-    "results.json": lambda path: json_damage(path.read_text(), dict.fromkeys(json.loads(path.read_text()))),
+    # config.json's values are read only to be compared with the flags: odd numbers in those it compares.
+    "config.json": lambda path: json_damage(path.read_text(), dict.fromkeys(json.loads(path.read_text())),
+                                            odd=east.RESUME_KEYS + east.ROUND_KEYS),
+    # results.json is never read (so never refused, as the test checks): its keys' types are damage enough.
+    "results.json": lambda path: json_damage(path.read_text(), dict.fromkeys(json.loads(path.read_text())),
+                                             odd=()),
     "timings.jsonl": lambda path: jsonl_damage(path.read_bytes(), {"phase": str, **east.PHASE}),
     "samples.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.SAMPLE),
     "predictions_backbone.jsonl": lambda path: jsonl_damage(path.read_bytes(), east.PREDICTION),
@@ -2403,6 +2434,24 @@ def test_a_damaged_run_file_is_one_line_or_repaired(stopped_run, name, tmp_path,
     # The report and the timings are never an input, and the loss log is only ever cut back: never refused.
     never_read = ("results.json", "timings.jsonl", "train_log_alpha1.jsonl")
     assert outcomes[2] == 0 if name in never_read else outcomes[2] > 0
+
+
+@pytest.mark.slow
+def test_predictions_without_the_maj_at_k_grades_are_one_line(tiny_model, sevens_file, tmp_path, capsys):
+    # An --eval-samples 2 folder whose backbone predictions lost a row's maj@k grades (edited by hand, or made
+    # by a run without --eval-samples and its config.json deleted): one line naming the file, nothing written.
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_model, sevens_file, out, "--alpha", "0", "--eval-samples", "2")
+    assert east.main(argv) == 0
+    path = out / "predictions_backbone.jsonl"
+    rows = read_jsonl(path)
+    assert all("majority_correct" in row for row in rows)
+    del rows[0]["majority_correct"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = folder_files(out)
+    message = run_main_expecting_error(argv, capsys)
+    assert f"{path} lacks the maj@k grades of --eval-samples 2" in message
+    assert folder_files(out) == before
 
 
 @pytest.mark.slow
@@ -2508,6 +2557,18 @@ def test_a_deleted_or_damaged_report_is_rebuilt_from_the_records_without_trainin
     for key in ("rounds", "comparisons", "repeats", "backbone"):
         assert rebuilt[key] == report[key], key
     assert rebuilt["phases"]["sample"]["tokens"] == report["phases"]["sample"]["tokens"]
+    # Numbers no report can hold (an accuracy NaN, a weight Infinity, a count 10^400, correct above total,
+    # a pair of three): never read, so rebuilt the same.
+    damaged = json.loads(json.dumps(report))
+    damaged["backbone"].update(accuracy=float("nan"), total=0, correct=10 ** 400)
+    damaged["rounds"][0]["points"][0] = [float("inf"), 1, 2]
+    damaged["rounds"][0]["counts"]["sampled"] = 0
+    (folder / "results.json").write_text(json.dumps(damaged))
+    assert east.main(stopped_run.argv(folder)) == 0
+    assert trainings == [] and generations == []
+    rebuilt = json.loads((folder / "results.json").read_text())
+    for key in ("rounds", "comparisons", "repeats", "backbone"):
+        assert rebuilt[key] == report[key], key
 
 
 RUN_FILE_NAMES = ["config.json", "samples.jsonl", "predictions_backbone.jsonl", "timings.jsonl",
