@@ -1614,13 +1614,12 @@ def bundled_model_folder():
     gguf_folder = spec.submodule_search_locations[0]
     print(f"converting the bundled GGUF model once into {cached} ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF,
-                                                      dtype=torch.float32)
-    config = gguf_model.config
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+    config = loaded.config
     del config.quantization_config  # otherwise the copy would also refuse to save
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     write_atomically(cached, lambda to: (model.save_pretrained(to), tokenizer.save_pretrained(to)))
     return cached
 
@@ -2424,8 +2423,9 @@ def summarise(report, out):
         firsts = {r["alpha"]: r for r in reversed(report["rounds"])}  # each alpha's first round: same samples
         levels = {a: weight_levels(r["points"]) for a, r in sorted(firsts.items())}  # the same u's at every a
         u_name = "H (bits)" if config["weighting"] == "entropy" else f"u = {config['weighting']}"
-        lines += [f"training set     {len(first['points'])} {config['loss']} examples by level of {u_name}: "
-                  f"each level's weight w and share of the training signal (its sum of w over all)",
+        lines += [f"training set     {len(first['points'])} {config['loss']} examples of {c['trained']} of "
+                  f"the {c['kept']} kept questions, by level of {u_name}: each level's weight w and share of "
+                  f"the training signal (its sum of w over all)",
                   f"  {u_name:>12}  examples" + "".join(f"{f'w a={a:g}':>10}  share" for a in levels)]
         lines += [f"  {row[0][0]:12.2f}{row[0][1]:10d}" + "".join(f"{w:10.2f}{p:7.0%}" for *_, w, p in row)
                   for row in zip(*levels.values())]  # a row: one level, (u, examples, w, share) at each a

@@ -2819,7 +2819,7 @@ def test_the_summary_shows_the_training_set_by_entropy_level(tmp_path, capsys):
     assert lines[table + 1:table + 4] == ["          0.00         1      1.00    33%      0.00     0%",
                                           "          1.00         1      1.00    33%      1.00    33%",
                                           "          2.00         1      1.00    33%      2.00    67%"]
-    assert "3 sft examples by level of H (bits)" in lines[table - 1]
+    assert "3 sft examples of 3 of the 3 kept questions, by level of H (bits)" in lines[table - 1]
     assert not any("uniform weights instead" in line for line in lines)
     # KTO trains q1 and q2 twice (a desirable and an undesirable example): 5 examples, mean weight 1
     _, lines = summary_of(hand_made_records(), [1], tmp_path, capsys, loss="kto")
@@ -2827,6 +2827,10 @@ def test_the_summary_shows_the_training_set_by_entropy_level(tmp_path, capsys):
     assert lines[table + 1:table + 4] == ["          0.00         1      0.00     0%",
                                           "          1.00         2      0.83    33%",
                                           "          2.00         2      1.67    67%"]
+    # DPO trains the pairs: q0, whose four answers are all right, has no wrong path to reject
+    _, lines = summary_of(hand_made_records(), [1], tmp_path, capsys, loss="dpo")
+    assert any(line.startswith("training set     2 dpo examples of 2 of the 3 kept questions") for line in
+               lines)
 
 
 def test_the_summary_says_when_every_trained_question_has_entropy_zero(tmp_path, capsys):
