@@ -281,8 +281,11 @@ def run(args):
           f"{device}, computing in {str(compute_dtype(device)).removeprefix('torch.')}; "
           f"matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
     train_questions, too_long = fitting_questions(model, tokenizer, train_questions, test_questions, args)
+    for path in folder.path.glob("checkpoint_*.pt"):  # each holds this model's weights, or nothing is written
+        read_checkpoint(path, model, mmap=True)
+    gen_batch_size = questions_per_call(model, args, device)  # refuses an n (or k) that cannot fit in memory
     folder.write("config.json", json.dumps(vars(args), indent=2) + "\n")  # the input is good: the first write
-    args.gen_batch_size = questions_per_call(model, args, device)
+    args.gen_batch_size = gen_batch_size
     print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
 
     # Step 1: sample n paths per training question (or start from an earlier run's samples).
@@ -337,27 +340,42 @@ def render_prompt(tokenizer, question, style="gsm8k"):
 
 # Measured with the bundled model on a 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s.
 CPU_SEQUENCES_PER_CALL = 128
-PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a GPU batch
+PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a call
 VLLM_SEQUENCES_PER_CALL = 4096
 
 def questions_per_call(model, args, device):
     """--gen-batch-size auto: questions for about 128 sequences per call on a CPU (the measured best); on a
-    GPU as many sequences as 40% of its free memory holds at full length (bf16 KV cache, fp32 logits and a
-    few copies), at most 1024; with several processes the smallest of theirs: all cut the same batches."""
+    GPU as many sequences as 40% of its free memory holds at full length (KV cache in the compute dtype,
+    fp32 logits and a few copies), at most 1024; with several processes the smallest of theirs: all cut the
+    same batches. A call holds one question's n samples (or k, --eval-samples) at least: when even those
+    cannot fit in memory (free_memory), the flag is refused here, before any work, with the estimate."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cache_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * compute_dtype(device).itemsize
+    per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
+    memory = free_memory(device)
+    most, flag = max((args.num_samples, "--num-samples"), (args.eval_samples, "--eval-samples"))
+    if most * per_sequence > memory:
+        raise UsageError(f"{flag} {most} cannot fit: one question's {most} sequences are made in one call, "
+                         f"about {most * per_sequence / 2**30:,.1f} GiB of KV cache (up to "
+                         f"{PROMPT_ALLOWANCE} prompt + {args.max_new_tokens} new tokens each) and logits, "
+                         f"more than the {memory / 2**30:,.1f} GiB there are here; ask for fewer")
     if args.gen_batch_size != "auto":
         return int(args.gen_batch_size)
     if args.engine == "vllm":  # vLLM batches within a call itself; each call is one saved step of progress
         return max(1, VLLM_SEQUENCES_PER_CALL // args.num_samples)
     if device.type != "cuda":
         return max(1, CPU_SEQUENCES_PER_CALL // args.num_samples)
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    cache_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 2  # keys and values, 2 bytes each
-    per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return min(gather([max(1, min(1024, int(0.4 * free_bytes) // per_sequence) // args.num_samples)]))
+    return min(gather([max(1, min(1024, int(0.4 * memory) // per_sequence) // args.num_samples)]))
+
+def free_memory(device):
+    """Bytes there are for the work: the GPU's free memory on CUDA, else the machine's physical memory
+    (unbounded where the system does not say: Windows)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
 
 def end_token_ids(model, tokenizer):
     ids = model.generation_config.eos_token_id
@@ -563,15 +581,13 @@ def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=N
         sequences = [e["chosen"] for e in batch] + [e["rejected"] for e in batch]
         logits, labels, tokens = logits_and_labels(model, sequences, pad_id)
         policy = sequence_logprobs(logits, labels)  # (2B,)
-        loss = weighted_dpo_loss(policy[:len(batch)], policy[len(batch):], reference("chosen"),
-                                 reference("rejected"), weights, args.beta, num_examples)
-        return loss, tokens
+        return weighted_dpo_loss(policy[:len(batch)], policy[len(batch):], reference("chosen"),
+                                 reference("rejected"), weights, args.beta, num_examples), tokens
     logits, labels, tokens = logits_and_labels(model, [e["sequence"] for e in batch], pad_id)
     desirable = torch.tensor([e["desirable"] for e in batch], device=device)
-    loss = weighted_kto_loss(sequence_logprobs(logits, labels), reference("sequence"), desirable,
+    return weighted_kto_loss(sequence_logprobs(logits, labels), reference("sequence"), desirable,
                              reference_point, weights, args.beta, args.desirable_weight,
-                             args.undesirable_weight, num_examples)
-    return loss, tokens
+                             args.undesirable_weight, num_examples), tokens
 
 def accumulate_gradients(model, examples, args, pad_id, scaler=None):
     """Forward and backward one effective batch in micro-batches; returns its (loss, tokens) summed over the
@@ -602,7 +618,7 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     batches = batch_order(len(examples), args.batch_size, args.epochs, args.seed)  # each step's examples
-    total_steps = len(batches)
+    total_steps = args.epochs * steps_per_epoch
     checkpoint = checkpoint or Checkpoint(None)
     if checkpoint.holds_finished_training(model, total_steps):  # and has loaded its weights into model
         return model.eval()
@@ -619,7 +635,7 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
           f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
           + (f", sharded among {world_size()} processes" if args.fsdp else ""))
     with open_loss_log(log_path, done) as log:
-        for step, indices in enumerate(batches[done:], done + 1):  # the steps an earlier run did not do
+        for step, indices in enumerate(itertools.islice(batches, done, None), done + 1):  # those not done
             epoch = (step - 1) // steps_per_epoch + 1
             step_start = time.time()
             loss, tokens = accumulate_gradients(model, [examples[i] for i in indices], args,
@@ -645,13 +661,13 @@ def train(model, tokenizer, examples, args, log_path, checkpoint=None):
 
 def batch_order(num_examples, batch_size, epochs, seed):
     """The examples of each optimiser step, as indices: every epoch a new shuffle from one seeded stream,
-    cut into batches. Training, and the check that two repeats train alike, both read it from here."""
-    rng, steps = random.Random(seed), []
+    cut into batches. Training, and the check that two repeats train alike, both read it from here. Made
+    one epoch at a time as it is read (a generator): any --epochs fits in memory."""
+    rng = random.Random(seed)
     for _ in range(epochs):
         order = list(range(num_examples))
         rng.shuffle(order)
-        steps += [order[first:first + batch_size] for first in range(0, num_examples, batch_size)]
-    return steps
+        yield from (order[first:first + batch_size] for first in range(0, num_examples, batch_size))
 
 def training_mode(model, args, on):
     """The model into training (on) or out of it: activation checkpointing with --gradient-checkpointing;
@@ -715,6 +731,9 @@ def accuracy_report(rows, k=0):
         groups = sorted({r.get(field) for r in rows}, key=str)  # levels may be numbers or text
         if None not in groups:
             report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r[field] == g) for g in groups}
+        elif len(groups) > 1:  # some rows have one: said, since a breakdown the data has is left out
+            print(f"note: {sum(field in r for r in rows)} of the {len(rows)} predictions have a {field}, not "
+                  f"all: no accuracy by {field}")
     return report
 
 
@@ -840,12 +859,9 @@ def parse_number(s):
     return None
 
 def terminates(fraction):
-    """True when the fraction has a finite decimal expansion (its denominator is 2^a 5^b)."""
-    q = fraction.denominator
-    for p in (2, 5):
-        while q % p == 0:
-            q //= p
-    return q == 1
+    """True when the fraction has a finite decimal expansion: its denominator q is 2^a 5^b, so it divides
+    10^k for k = max(a, b), and q's bit length is at least that (q >= 2^a and q >= 5^b > 2^b)."""
+    return 10 ** fraction.denominator.bit_length() % fraction.denominator == 0
 
 def snap_long_decimal(text, value):
     """0.333333 -> 1/3: a decimal of 6+ significant digits becomes the simplest fraction within
@@ -900,15 +916,10 @@ class NotAnExpression(Exception):
     pass
 
 def tokenize_expression(s):
-    tokens, i = [], 0
-    while i < len(s):
-        m = EXPRESSION_TOKEN.match(s, i)
-        if not m:
-            if s[i:].strip():
-                raise NotAnExpression(s[i:])
-            break
-        tokens.append(m.group(1))
-        i = m.end()
+    """The whitelisted tokens of s; anything else in it (findall would skip it) is no expression."""
+    tokens = EXPRESSION_TOKEN.findall(s)
+    if "".join(tokens) != re.sub(r"\s+", "", s):
+        raise NotAnExpression(s)
     return tokens
 
 def evaluate_expression(tokens, variables):
@@ -1257,8 +1268,7 @@ def start_vllm(model, tokenizer, args):
         model.save_pretrained(folder, state_dict=half)
         model.to("cpu")
     tokenizer.save_pretrained(folder)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # (nothing to do without CUDA)
     print(f"starting vLLM on {folder}")
     try:
         engine = LLM(model=str(folder), dtype=str(vllm_dtype(device)).removeprefix("torch."), seed=args.seed,
@@ -1279,12 +1289,10 @@ def stop_vllm():
     if not vllm_running:
         return
     engine = vllm_running.pop("engine")
-    if hasattr(engine, "shutdown"):  # newer vLLM; older ones free the GPU when the engine is collected
-        engine.shutdown()
+    getattr(engine, "shutdown", lambda: None)()  # newer vLLM; older ones free the GPU when it is collected
     del engine
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # (nothing to do without CUDA)
     vllm_running.pop("model").to(vllm_running.pop("device"))
 
 def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds):
@@ -1378,6 +1386,8 @@ def build_parser():
                    "a fixed small workload, write OUTPUT_DIR/bench.json, and exit")
     return p
 
+ROUND_BYTES = 1000  # the least a round holds in memory until the run ends: its plan and its report entry
+
 def check_args(args):
     """One line for the first flag whose value cannot work."""
     rules = [  # (flags, what each must be, the test)
@@ -1400,6 +1410,10 @@ def check_args(args):
         bad = [v for v in (value if isinstance(value, list) else [value]) if not test(v)]  # --alpha: a list
         if bad:
             raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {bad[0]!r}")
+    rounds, memory = len(args.alpha) * args.iterations * args.repeats, free_memory(torch.device("cpu"))
+    if rounds * ROUND_BYTES > memory:  # each round holds a plan and a report entry until the run ends
+        raise UsageError(f"--alpha, --iterations and --repeats ask for {rounds:,} rounds, which alone need "
+                         f"about {rounds * ROUND_BYTES >> 30:,} GiB, more than the {memory >> 30:,} GiB here")
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
                          "or leave out --engine to use east.py's own decoding loop")
@@ -1449,7 +1463,7 @@ def make_arith(n, seed):
     the answer a worked solution ending in '#### N' as in GSM8K. The numbers are small because the bundled
     135M model gets only single-digit steps right part of the time: self-training needs some right."""
     rng = random.Random(seed)
-    problems, seen = [], set()
+    problems = {}  # question: its worked answer, in the order made
     for _ in range(100 * n + 1000):
         if len(problems) == n:
             break
@@ -1473,12 +1487,10 @@ def make_arith(n, seed):
             (f"{has} {c} {what} and buys {a} packs with {b} {what} in each pack. {now}",
              [step("The packs hold", a, "*", b, a * b), step(has, a * b, "+", c, a * b + c)], a * b + c),
         ][kind]
-        if question not in seen:
-            seen.add(question)
-            problems.append({"question": question, "answer": "\n".join(steps) + f"\n#### {result}"})
+        problems.setdefault(question, "\n".join(steps) + f"\n#### {result}")  # a repeat is left out
     if len(problems) < n:
         raise UsageError(f"the arith generator has fewer than {n} distinct problems; ask for fewer")
-    return problems
+    return [{"question": question, "answer": answer} for question, answer in problems.items()]
 
 def gsm8k_gold(solution):
     """The number after '####' in a GSM8K worked solution."""
@@ -1497,11 +1509,9 @@ def normalise_row(row, where):
     if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
         gold = gsm8k_gold(row["answer"]) if "####" in row["answer"] else row["answer"].strip()
         return {"question": row["question"], "gold": gold, "style": "gsm8k"}
-    extra = {k: row[k] for k in ("level", "subject") if k in row}
-    if isinstance(row.get("problem"), str) and isinstance(row.get("answer"), str):
-        return {"question": row["problem"], "gold": row["answer"].strip(), "style": "math", **extra}
-    if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):  # Hendrycks' own form
-        gold = last_boxed(row["solution"]) or ""
+    if "problem" in row and ("answer" in row or "solution" in row):  # MATH, or Hendrycks' own form
+        gold = row["answer"].strip() if "answer" in row else last_boxed(row["solution"]) or ""
+        extra = {k: row[k] for k in ("level", "subject") if k in row}
         return {"question": row["problem"], "gold": gold, "style": "math", **extra}
     raise UsageError(f"{where}: needs 'question' and 'answer' (GSM8K form) or 'problem' and 'answer' "
                      f"(MATH form); found keys {sorted(row)}")
@@ -1615,9 +1625,8 @@ def bundled_model_folder():
     print(f"converting the bundled GGUF model once into {cached} ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config  # otherwise the copy would also refuse to save
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    del loaded.config.quantization_config  # otherwise the copy would also refuse to save
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     write_atomically(cached, lambda to: (model.save_pretrained(to), tokenizer.save_pretrained(to)))
@@ -1726,11 +1735,10 @@ class RunFolder:
 
     def check_files(self, train_questions, test_questions):
         """Every run file read back is read once through its checks before anything is written: a damaged one
-        refuses the run in one line, with the folder as it was."""
+        refuses the run in one line, with the folder as it was. (Checkpoints are read by run(), once the model
+        is loaded: they must hold that model's weights.)"""
         for path in self.path.glob("samples*.jsonl"):
             read_records(path, train_questions, self.args.num_samples, cut="keep")
-        for path in self.path.glob("checkpoint_*.pt"):
-            read_checkpoint(path, mmap=True)
         for path in self.path.glob("predictions_*.jsonl"):  # with --eval-samples k, each has maj@k's grades
             rows = read_records(path, test_questions, cut="keep").values()
             if self.args.eval_samples and any({"majority_correct", "any_correct"} - set(r) for r in rows):
@@ -1812,7 +1820,7 @@ class RunFolder:
             model.to("meta")  # and so would these weights: freed first, the fresh copy reuses their memory
             model, tokenizer = load_model(self.args.model, device)
             if start is not None:
-                read_checkpoint(self.checkpoint(start).path, model, mmap=True)  # its weights into model
+                model.load_state_dict(read_checkpoint(self.checkpoint(start).path, model, mmap=True)["model"])
             self.holds = start
         return model, tokenizer
 
@@ -1859,13 +1867,15 @@ class Checkpoint:
         self.path, self.stale, self.state, self.saved = path, stale, None, time.time()
 
     def holds_finished_training(self, model, total_steps):
-        """Reads the checkpoint and loads its weights into model; True when its training is finished."""
+        """Reads the checkpoint; True when its training is finished, and then its weights are loaded into
+        model. Otherwise model keeps the starting weights (DPO's and KTO's reference) until restore."""
         if self.path and self.path.exists():
-            self.state = read_checkpoint(self.path, model)  # and its weights loaded into model
+            self.state = read_checkpoint(self.path, model)
             if self.state["total_steps"] != total_steps:
                 raise UsageError(f"{self.path} is from a training of {self.state['total_steps']} steps, not "
                                  f"{total_steps}; delete it to train afresh, or use another --output-dir")
             if self.state["step"] == total_steps:
+                model.load_state_dict(self.state["model"])
                 print(f"training: finished in an earlier run ({self.path.name}); skipped")
                 return True
         if self.stale:
@@ -1973,14 +1983,17 @@ def run_file(path):
     return path
 
 def read_checkpoint(path, model=None, **load):
-    """A training checkpoint (Checkpoint.save), checked whole; given a model, its weights are loaded into it,
-    which checks their names and shapes. One line naming it when it is damaged or another model's."""
+    """A training checkpoint (Checkpoint.save), checked whole; given a model, its weights must have that
+    model's names and shapes (they are not loaded). One line naming it when it is damaged or another
+    model's."""
+    def shapes(weights):
+        return {name: tuple(tensor.shape) for name, tensor in weights.items()}
     try:
         state = torch.load(run_file(path), weights_only=True, **load)
         if fits(state, CHECKPOINT) and (state["step"] == state["total_steps"] or fits(state, TRAINING_STATE)):
-            if model is not None:  # load_state_dict refuses a missing, extra or reshaped weight
-                model.load_state_dict(state["model"])
-            return state
+            # No weight missing, none extra, none of another shape: what load_state_dict would refuse.
+            if model is None or shapes(state["model"]) == shapes(model.state_dict()):
+                return state
     except Exception:  # torch raises many types for a damaged file: one line says it, whichever
         pass
     raise UsageError(f"{path} is damaged (cut off or overwritten) or holds another model's weights; delete "
@@ -2197,8 +2210,8 @@ def benchmark(args):
     out_dir = RunFolder(args).path  # fail on an unwritable folder before the slow part
     model, tokenizer = load_model(args.model, device)
     args.gen_batch_size = questions_per_call(model, args, device)
-    questions = [normalise_row(r, "arith") for r in make_arith(BENCH_QUESTIONS, args.seed)]
-    prompts = [render_prompt(tokenizer, q["question"]) for q in questions]
+    problems = make_arith(BENCH_QUESTIONS, args.seed)
+    prompts = [render_prompt(tokenizer, p["question"]) for p in problems]
     timed = PhaseTimer(device)  # measures the matmul rate
     timed.flops, rate = flops_per_token(model), timed.flops_per_second
     bound = {kind: rate / flops for kind, flops in timed.flops.items()}
@@ -2214,7 +2227,7 @@ def benchmark(args):
     for name in ("warm-up", "train (1 epoch)"):  # the first training pays for fresh memory later ones reuse
         with contextlib.redirect_stdout(None), timed(name):  # print() writes nothing to None
             examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
-                        for q in make_arith(BENCH_QUESTIONS, args.seed)]
+                        for q in problems]
             train(model, tokenizer, examples, train_args, out_dir / "train_log.jsonl")
     timed.rows = [row for row in timed.rows if row["phase"] != "warm-up"]  # both trainings measured warm
     with timed("peer: model.generate"):  # the same sampling through transformers' model.generate
@@ -2242,7 +2255,7 @@ def benchmark(args):
                                logging_strategy="no", report_to=[], use_cpu=device.type == "cpu",
                                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=args.seed)
             rows = [{"prompt": render_prompt(tokenizer, q["question"]), "completion": q["answer"]}
-                    for q in make_arith(BENCH_QUESTIONS, args.seed)]
+                    for q in problems]
             trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer)
             trainer.train()

@@ -771,6 +771,7 @@ def test_questions_per_call_auto(tiny_model, monkeypatch):
     # x 2 bytes = 64 bytes per token, so a sequence of 512 + 512 tokens and 6 logits takes 64 x 1024 + 16 x 6
     # bytes.
     args.num_samples = 8
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # bf16: 2 bytes
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000_000, 80_000_000))
     assert (
         east.questions_per_call(model, args, torch.device("cuda"))
@@ -780,6 +781,16 @@ def test_questions_per_call_auto(tiny_model, monkeypatch):
     assert east.questions_per_call(model, args, torch.device("cuda")) == 1024 // 8  # at most 1024 sequences
     args.gen_batch_size = 5
     assert east.questions_per_call(model, args, torch.device("cuda")) == 5
+    # One question's n (or k) sequences are the least a call holds: when they cannot fit, the flag is refused.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * (64 * 1024 + 96), 10**12))
+    args.num_samples, args.eval_samples = 100, 101  # 100 sequences fit exactly; 101 do not
+    with pytest.raises(east.UsageError, match=r"--eval-samples 101 cannot fit: one question's 101 sequences"):
+        east.questions_per_call(model, args, torch.device("cuda"))
+    args.eval_samples = 0
+    assert east.questions_per_call(model, args, torch.device("cuda")) == 5
+    args.num_samples = 101
+    with pytest.raises(east.UsageError, match=r"--num-samples 101 cannot fit: .* more than the 0.0 GiB"):
+        east.questions_per_call(model, args, torch.device("cuda"))
 
 
 @pytest.mark.slow
@@ -1044,6 +1055,44 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monk
     assert_close(trained[0], trained[1], rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_a_preference_training_resumed_mid_way_compares_with_the_starting_weights(tiny_model, tmp_path,
+                                                                                   monkeypatch, loss):
+    # DPO and KTO's reference is the starting model. A training stopped after step 2 and resumed from its
+    # checkpoint must end with the weights of one never stopped: the reference log-probabilities are
+    # computed from the starting weights, not from the checkpoint's half-trained ones.
+    scored = [{"question": "Q" * (2 * i + 1), "chosen": "7" * (i + 1), "rejected": "8 8" * (i + 1),
+               "kept": True, "examples": 1, "style": "math", "weight": w} for i, w in enumerate([0.5, 1.5])]
+    flags = ["--loss", loss, "--beta", "0.5", "--epochs", "3", "--lr", "5e-2", "--batch-size", "1",
+             "--micro-batch-size", "1", "--save-every", "1"]
+    args = east.build_parser().parse_args(flags)
+    accumulate, steps = east.accumulate_gradients, []
+    def accumulate_then_stop(*a, **k):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return accumulate(*a, **k)
+    trained = {}
+    for stop in (False, True):
+        path = tmp_path / f"stopped{stop}.pt"
+        if stop:
+            monkeypatch.setattr(east, "accumulate_gradients", accumulate_then_stop)
+            model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
+            with pytest.raises(KeyboardInterrupt):
+                east.train(model, tokenizer, east.build_examples(tokenizer, scored, loss), args,
+                           tmp_path / "log.jsonl", east.Checkpoint(path))
+            assert torch.load(path, weights_only=True)["step"] == 2
+            monkeypatch.setattr(east, "accumulate_gradients", accumulate)
+        model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
+        model = east.train(model, tokenizer, east.build_examples(tokenizer, scored, loss), args,
+                           tmp_path / "log.jsonl", east.Checkpoint(path))
+        trained[stop] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = torch.cat([p.detach().flatten() for p in east.load_model(str(tiny_model), "cpu")[0].parameters()])
+    assert not torch.allclose(trained[False], start)
+    assert_close(trained[True], trained[False], rel=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # Evaluation (step 7)
 
@@ -1085,15 +1134,20 @@ def test_accuracy_report_with_majority_pass_and_breakdown():
     assert report["by_subject"] == {"Algebra": pytest.approx(1 / 3), "Geometry": 0.0}
 
 
-def test_a_breakdown_is_made_only_from_a_field_every_row_has():
+def test_a_breakdown_is_made_only_from_a_field_every_row_has(capsys):
     # A level on some rows only (a file edited by hand, rows of two datasets): a breakdown of those rows would
-    # not add up to the whole, so there is none; levels of mixed types (3 and "3") are groups of their own.
+    # not add up to the whole, so there is none, and a note says so; levels of mixed types (3 and "3") are
+    # groups of their own. A field no row has is no news: nothing is said.
     rows = [{"correct": True, "level": 3}, {"correct": False, "level": "3"}, {"correct": True, "level": 3},
             {"correct": False, "subject": "Algebra"}]
     report = east.accuracy_report(rows[:3])
     assert report["by_level"] == {3: 1.0, "3": 0.0} and "by_subject" not in report
+    assert capsys.readouterr().out == ""
     report = east.accuracy_report(rows)
     assert "by_level" not in report and "by_subject" not in report and report["accuracy"] == 0.5
+    assert capsys.readouterr().out.splitlines() == [
+        "note: 3 of the 4 predictions have a level, not all: no accuracy by level",
+        "note: 1 of the 4 predictions have a subject, not all: no accuracy by subject"]
 
 
 def test_majority_answer_is_the_largest_answered_cluster_and_the_first_seen_on_a_tie():
@@ -1749,6 +1803,9 @@ def test_local_data_dir_loads_without_download(data_dir):
     (["--loss", "dpo", "--beta", "0"], "--beta must be a positive number"),
     (["--alpha", "1", "nan"], "--alpha must be a number from -1000 to 1000"),
     (["--iterations", "0"], "--iterations must be at least 1"),
+    (["--iterations", "1000000000000"], "--iterations and --repeats ask for 1,000,000,000,000 rounds, which "
+                                         "alone need about 931,322 GiB, more than the 16 GiB here"),
+    (["--repeats", "10000000", "--alpha", "0", "1"], "ask for 20,000,000 rounds, which alone need about 18"),
     (["--gen-batch-size", "0"], "--gen-batch-size must be auto or at least 1"),
     (["--gen-batch-size", "many"], "--gen-batch-size must be auto or at least 1"),
     (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
@@ -1760,9 +1817,36 @@ def test_local_data_dir_loads_without_download(data_dir):
 ])
 def test_bad_arguments(extra, fragment, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EAST_DATA_DIR", raising=False)  # --data-dir's default: the hub case needs none
+    monkeypatch.setattr(east, "free_memory", lambda device: 16 * 2**30)  # the same machine for every case
     argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu", *extra]
     assert fragment in run_main_expecting_error(argv, capsys)
     assert not (tmp_path / "out").exists()  # a refused run leaves nothing, the folder it made included
+
+
+def test_samples_that_cannot_fit_in_memory_are_refused_before_any_work(tiny_model, sevens_file, tmp_path,
+                                                                       capsys, monkeypatch):
+    # One question's n (or k) sequences are the least a sampling call holds: refused once the model is
+    # loaded, with the estimate, before anything is written (the new folder is not left behind).
+    monkeypatch.setattr(east, "free_memory", lambda device: 2**30)
+    sampled = count_calls(monkeypatch, "generate")
+    for flag in ("--num-samples", "--eval-samples"):
+        argv = tiny_argv(tiny_model, sevens_file, tmp_path / "out", flag, "1000000")
+        message = run_main_expecting_error(argv, capsys)
+        assert f"{flag} 1000000 cannot fit: one question's 1000000 sequences are made in one call" in message
+        assert "more than the 1.0 GiB there are here; ask for fewer" in message
+        assert not (tmp_path / "out").exists() and not sampled
+
+
+def test_batch_order_is_made_as_it_is_read():
+    # Every epoch a new shuffle of the examples from one seeded stream, cut into batches; made as it is read,
+    # so --epochs 1000000000 holds no more than one epoch in memory.
+    rng, expected = random.Random(4), []
+    for _ in range(3):
+        order = list(range(5))
+        rng.shuffle(order)
+        expected += [order[0:2], order[2:4], order[4:]]
+    assert list(east.batch_order(5, 2, 3, seed=4)) == expected
+    assert list(itertools.islice(east.batch_order(5, 2, 10**9, seed=4), 9)) == expected
 
 
 def test_accelerate_fsdp_config_turns_on_fsdp_and_deepspeed_is_refused(tmp_path, capsys, monkeypatch):
@@ -2457,7 +2541,7 @@ def test_predictions_without_the_maj_at_k_grades_are_one_line(tiny_model, sevens
 @pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_one_line(stopped_run, tmp_path, capsys):
     # Its weights empty, one missing, one of another shape, one too many: one line naming it, no traceback,
-    # and the records (samples, predictions, checkpoints) as they were.
+    # refused once the model is loaded, before anything is written: every file of the folder as it was.
     state = torch.load(stopped_run.out / "checkpoint_alpha1.pt", weights_only=True)
     name, weight = next(iter(state["model"].items()))
     for number, weights in enumerate([{}, {k: v for k, v in state["model"].items() if k != name},
@@ -2466,13 +2550,10 @@ def test_a_checkpoint_of_another_model_is_one_line(stopped_run, tmp_path, capsys
         folder = tmp_path / f"case{number}"
         shutil.copytree(stopped_run.out, folder)
         torch.save({**state, "model": weights}, folder / "checkpoint_alpha1.pt")
-        def records():  # the samples, predictions and checkpoints
-            files = folder_files(folder)
-            return {k: files[k] for k in files if k.startswith(("samples", "predictions", "checkpoint"))}
-        before = records()
+        before = folder_files(folder)
         message = run_main_expecting_error(stopped_run.argv(folder), capsys)
         assert "checkpoint_alpha1.pt is damaged (cut off or overwritten) or holds another model's" in message
-        assert records() == before
+        assert folder_files(folder) == before
 
 
 @pytest.mark.slow
