@@ -522,6 +522,19 @@ def count_calls(monkeypatch, name):
     return calls
 
 
+def stop_training_at_step(monkeypatch, step):
+    """Training raises KeyboardInterrupt (Ctrl-C) as optimiser step `step` starts, counted over every
+    training from now on; returns the real accumulate_gradients, to put back."""
+    real, steps = east.accumulate_gradients, []
+    def accumulate_then_stop(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(east, "accumulate_gradients", accumulate_then_stop)
+    return real
+
+
 @pytest.mark.slow
 def test_alpha_sweep_samples_once_and_trains_once_per_alpha(
     tiny_model, sevens_file, tmp_path, monkeypatch, capsys
@@ -1003,15 +1016,7 @@ def test_a_whole_run_in_a_gpu_dtype_is_finite_and_resumes_exactly(dtype, tiny_mo
     flags = ("--batch-size", "2", "--save-every", "1", "--eval-samples", "2", "--save-model")
     whole, out = tmp_path / "whole", tmp_path / "out"
     assert east.main(tiny_argv(tiny_model, sevens_file, whole, *flags)) == 0
-    real_accumulate, steps = east.accumulate_gradients, []
-
-    def accumulate_then_stop(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 3:
-            raise KeyboardInterrupt
-        return real_accumulate(*args, **kwargs)
-
-    monkeypatch.setattr(east, "accumulate_gradients", accumulate_then_stop)
+    real_accumulate = stop_training_at_step(monkeypatch, 3)
     assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 130
     monkeypatch.setattr(east, "accumulate_gradients", real_accumulate)
     assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 0
@@ -1068,17 +1073,11 @@ def test_a_preference_training_resumed_mid_way_compares_with_the_starting_weight
     flags = ["--loss", loss, "--beta", "0.5", "--epochs", "3", "--lr", "5e-2", "--batch-size", "1",
              "--micro-batch-size", "1", "--save-every", "1"]
     args = east.build_parser().parse_args(flags)
-    accumulate, steps = east.accumulate_gradients, []
-    def accumulate_then_stop(*a, **k):
-        steps.append(1)
-        if len(steps) == 3:
-            raise KeyboardInterrupt
-        return accumulate(*a, **k)
     trained = {}
     for stop in (False, True):
         path = tmp_path / f"stopped{stop}.pt"
         if stop:
-            monkeypatch.setattr(east, "accumulate_gradients", accumulate_then_stop)
+            accumulate = stop_training_at_step(monkeypatch, 3)
             model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
             with pytest.raises(KeyboardInterrupt):
                 east.train(model, tokenizer, east.build_examples(tokenizer, scored, loss), args,
@@ -2162,22 +2161,14 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(
     first_round_steps = len(read_jsonl(whole / "train_log_alpha0.jsonl"))
     assert total >= 6 and not list(whole.glob("checkpoint_*"))  # removed once their rounds finished
 
-    real_accumulate, steps = east.accumulate_gradients, []
-
-    def accumulate_then_stop(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == first_round_steps + 5:  # alpha1's step 5: its last checkpoint is step 4's
-            raise KeyboardInterrupt
-        return real_accumulate(*args, **kwargs)
-
-    monkeypatch.setattr(east, "accumulate_gradients", accumulate_then_stop)
+    # Stopped as alpha1's step 5 starts: its last checkpoint is step 4's.
+    real_accumulate = stop_training_at_step(monkeypatch, first_round_steps + 5)
     assert east.main(tiny_argv(tiny_model, sevens_file, out, *SWEEP)) == 130
     assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0"]
     assert (out / "checkpoint_alpha1.pt").exists() and len(read_jsonl(out / "train_log_alpha1.jsonl")) == 4
     first_round = {name: data for name, data in folder_files(out).items() if "alpha0" in name}
     first_round.update({f"model_alpha0/{p.name}": p.read_bytes() for p in (out / "model_alpha0").iterdir()})
 
-    steps.clear()
     monkeypatch.setattr(east, "accumulate_gradients", real_accumulate)
     counted = count_calls(monkeypatch, "accumulate_gradients")
     capsys.readouterr()
@@ -2415,21 +2406,11 @@ def stopped_run(tiny_model, tmp_path_factory):
     data = write(root / "sevens.jsonl", "".join(json.dumps(
         {"question": f"Question {i}: what is it?", "answer": f"#### {'7' if i % 2 else '77'}"}) + "\n"
         for i in range(10)))
-    real_accumulate, steps = east.accumulate_gradients, []
-
-    def stop_at_alpha1_step_3(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == first_round + 3:
-            raise KeyboardInterrupt
-        return real_accumulate(*args, **kwargs)
-
     assert east.main(tiny_argv(tiny_model, data, root / "whole", *STOPPED)) == 0
     first_round = len(read_jsonl(root / "whole" / "train_log_alpha0.jsonl"))
-    east.accumulate_gradients = stop_at_alpha1_step_3
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch:  # stopped as alpha1's step 3 starts
+        stop_training_at_step(monkeypatch, first_round + 3)
         assert east.main(tiny_argv(tiny_model, data, root / "out", *STOPPED)) == 130
-    finally:
-        east.accumulate_gradients = real_accumulate
     out = root / "out"
     assert len(read_jsonl(out / "train_log_alpha1.jsonl")) == 2 and (out / "checkpoint_alpha1.pt").exists()
     assert [r["tag"] for r in json.loads((out / "results.json").read_text())["rounds"]] == ["alpha0"]
