@@ -2546,7 +2546,8 @@ def main(argv=None):
         print(f"east.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot break off this or the clean-up
+        # A second Ctrl-C (or kill) cannot break off this line or the clean-up.
+        signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"\ninterrupted: finished batches are saved in {args.output_dir}; "
               f"rerun the same command to resume", file=sys.stderr)
         return 130
@@ -2556,7 +2557,8 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot break off the clean-up
+        # Nor can a Ctrl-C (or kill) break off the clean-up, however the run ended.
+        signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for folder in NEW_FOLDERS:  # a run refused before it wrote anything leaves no folder behind; it
             if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:  # still holds the lock
                 shutil.rmtree(folder)

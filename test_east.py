@@ -2054,10 +2054,11 @@ def test_long_prompts_are_skipped_in_training_and_refused_in_testing(tiny_model,
 # Set-up: the run folder resumes
 
 
-def test_a_second_ctrl_c_cannot_break_off_the_message_or_the_clean_up(tmp_path, monkeypatch, capsys):
-    # Ctrl-C twice in quick succession: the second lands while the first's message is printed, a third while
-    # the folder is unlocked. Each is ignored: main ends with exit 130 and no traceback, the folder unlocked,
-    # and Ctrl-C works again afterwards.
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_second_ctrl_c_cannot_break_off_the_message_or_the_clean_up(signum, tmp_path, monkeypatch):
+    # Ctrl-C (or kill) twice in quick succession: the second lands while the first's message is printed, a
+    # third while the folder is unlocked. Each is ignored: main ends with exit 130 and no traceback, the
+    # folder unlocked, and Ctrl-C works again afterwards, and kill as it did before.
     monkeypatch.setattr(east, "run", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
     class CtrlCWhenUsed:
         def __init__(self, real=None):
@@ -2067,18 +2068,20 @@ def test_a_second_ctrl_c_cannot_break_off_the_message_or_the_clean_up(tmp_path, 
             return self.real.write(text)
         def close(self):
             self.signals += 1
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         def flush(self):
             self.real.flush()
     stderr, lock = CtrlCWhenUsed(sys.stderr), CtrlCWhenUsed()
     monkeypatch.setattr(sys, "stderr", stderr)
     monkeypatch.setattr(east, "HELD_LOCKS", [lock])
+    terminate = signal.getsignal(signal.SIGTERM)
     try:
         code = east.main(["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
     except KeyboardInterrupt:  # caught here, or pytest would stop the whole session
         pytest.fail("a second Ctrl-C broke off main")
     assert code == 130 and stderr.signals >= 1 and lock.signals == 1 and east.HELD_LOCKS == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == terminate
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the handler runs at the next bytecode; the sleep is only an upper bound
