@@ -34,9 +34,12 @@ Where the paper is silent, this file decides (each is said where it is done):
      (uncertainty_floor): 0^a would be infinite. When f(u) = 0 for every trained question (a > 0 and all
      answers alike), the weights are uniform instead of 0/0: the round is vanilla, and the summary says so.
 
-The file reads in the paper's order: the method (steps 2-6), one round and the run (steps 1-7), the
-machinery they call (sampling, training, evaluation), the answer grader, scale (several processes,
-FSDP, vLLM), set-up (CLI, data, model, run folder), then reporting (timing, bench, summary, charts).
+The file is in two parts. Part 1 is EAST, and a reader can stop at its end (the "# Part 2" banner): the
+method (steps 2-6), the experiment (steps 1-7), then sampling, training and evaluation. It uses nothing that
+Part 2 defines but the grader's three entry points, extract_answer, canonical_answer and is_equiv. Part 2
+wraps it from outside through Hooks, whose defaults run the loop in memory: its RunFolder keeps every record
+on disk and resumes a stopped run, and shares the work among processes (FSDP too) or hands sampling to vLLM.
+Part 2 is the rest: the grader's internals, scale, set-up (CLI, data, model, run folder, run()), reporting.
 
 Run:
   python east.py --model smollm2-135m --dataset arith        # offline, CPU, minutes (make run)
@@ -231,14 +234,73 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
 
 
 # =============================================================================
-# One round of self-training (steps 2-7), and the run (step 1, then a round per alpha and iteration)
+# The experiment (steps 1-7): sample once, evaluate the backbone, then for each alpha train a model from the
+# backbone on those samples and evaluate it
 
-def self_training_round(model, tokenizer, records, alpha, tag, test_questions, args, folder, timed):
-    """Steps 2-7 once on a set of samples: score, weight with exponent alpha, train, evaluate. Returns (the
-    trained model, the scored questions, the evaluation), or None: nothing to train."""
+# The loop is wrapped from outside through `hooks`, an object Part 1 calls at fixed places and never looks
+# inside (as Hugging Face Trainer passes side work to callbacks): Part 2's RunFolder for a run, its Machinery
+# for train() alone. What each hook gives back, and what Part 2 does there besides:
+#   phase(name)              a `with` block around a phase of the run: timed
+#   generate(...)            what Part 1's generate returns: made in calls that fit in memory, or by vLLM
+#   records(name, questions, batch_size, label, make)   every question's record, in order, from make(batch):
+#                            appended batch by batch to the run folder's file `name`; a rerun makes only
+#                            the questions that file lacks, and several processes share the batches
+#   backbone_evaluated(evaluation)    nothing: results.json starts with it
+#   rounds(args)             the rounds still to run, each with alpha, tag, args, start (the tag of the round
+#                            whose weights it starts from, None: the backbone) and samples (None: step 1's;
+#                            else the name of its own: a repeat's, or an iteration's by the round before);
+#                            for each alpha a chain of --iterations rounds, for each of --repeats, less what
+#                            an earlier run finished
+#   starting_weights(planned, model, tokenizer)   the (model, tokenizer) holding those starting weights
+#   weighted(tag, scored)    nothing: weights_TAG.jsonl written
+#   round_finished(planned, model, tokenizer, scored, evaluation)   nothing: results.json, --save-model
+#   training_mode(model, on) the model, into training or out: activation checkpointing, FSDP, vLLM stopped
+#   resume(model, optimizer, scheduler, scaler, total_steps)   the steps an earlier run finished, restored
+#   micro_batches(examples, size)     the effective batch (this process's share of it) in micro-batches
+#   gradients_ready(model, loss, tokens)   (loss, tokens) of the batch: summed, with the gradients, over
+#                            the processes
+#   step_done(row, model, optimizer, scheduler, scaler, total_steps)   nothing: loss log and checkpoint
+
+def experiment(model, tokenizer, train_questions, test_questions, args, hooks):
+    """The paper's experiment: n paths per training question sampled once by the backbone (step 1), the
+    backbone evaluated (step 7), then a round per alpha, each from the backbone and its samples: weight (steps
+    2-5), train (6), evaluate (7). With --iterations, each alpha's trained model samples anew and trains again
+    from its own weights (iterative self-training). Returns each model's evaluation by tag.
+    hooks: see above (Part 2's RunFolder)."""
+    with hooks.phase("sample"):  # step 1
+        records = sample_responses(model, tokenizer, train_questions, args, "samples.jsonl", hooks)
+    with hooks.phase("eval backbone"):  # step 7 before training
+        results = {"backbone": evaluate(model, tokenizer, test_questions, args, "backbone", hooks)}
+    print(f"backbone accuracy: {100 * results['backbone']['accuracy']:.1f}% "
+          f"({results['backbone']['correct']}/{results['backbone']['total']})")
+    hooks.backbone_evaluated(results["backbone"])
+    for planned in hooks.rounds(args):  # each alpha, and each iteration of it
+        model, tokenizer = hooks.starting_weights(planned, model, tokenizer)  # backbone or previous round
+        round_records = records
+        if planned.samples:  # step 1 again: the next iteration's samples, by the model of the round before
+            with hooks.phase(f"sample {planned.samples}"):
+                round_records = sample_responses(model, tokenizer, train_questions, planned.args,
+                                                 f"samples_{planned.samples}.jsonl", hooks)
+        scored, examples = training_set(tokenizer, round_records, planned, hooks)  # steps 2-5
+        if not examples:
+            continue
+        with hooks.phase(f"train {planned.tag}"):  # step 6
+            model = train(model, tokenizer, examples, planned.args, hooks)
+        with hooks.phase(f"eval {planned.tag}"):  # step 7
+            result = results[planned.tag] = evaluate(model, tokenizer, test_questions, planned.args,
+                                                     planned.tag, hooks)
+        print(f"[{planned.tag}] accuracy: {100 * result['accuracy']:.1f}% "
+              f"({result['correct']}/{result['total']})")
+        hooks.round_finished(planned, model, tokenizer, scored, result)
+    return results
+
+def training_set(tokenizer, records, planned, hooks):
+    """Steps 2-5 on a round's samples: score each question, weight with the round's exponent alpha, keep those
+    with a correct path that ended. Returns (the scored questions, the training examples: none, nothing to
+    train)."""
+    alpha, tag, args = planned.alpha, planned.tag, planned.args
     scored = score_questions(records, alpha, args.weighting, args.mapping, args.seed, args.loss)  # steps 2-5
-    folder.write(f"weights_{tag}.jsonl", "".join(json.dumps({k: v for k, v in s.items() if k != "question"})
-                                                 + "\n" for s in scored))
+    hooks.weighted(tag, scored)
     kept = [s for s in scored if s["kept"]]
     no_path = sum(s["num_correct"] == 0 for s in scored)  # the others dropped were right but never finished
     print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: {no_path} with no "
@@ -247,82 +309,16 @@ def self_training_round(model, tokenizer, records, alpha, tag, test_questions, a
     if not examples:
         print(f"[{tag}] warning: nothing to train: no question has a correct path that ended" + (
             f", and one that ended with a wrong answer (--loss {args.loss} trains pairs)" if kept else "") +
-            f"; samples are in {folder.path}. Try a larger --num-samples or --max-new-tokens, easier data, a "
-            f"stronger --model" + (" or --loss sft" if kept else ""))
-        return None
+            ". Try a larger --num-samples or --max-new-tokens, easier data, a stronger --model" + (
+            " or --loss sft" if kept else ""))
+        return scored, examples
     weights = [e["weight"] for e in examples]
     print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}) of the {len(examples)} training "
           f"examples: min {min(weights):.2f} max {max(weights):.2f} mean {sum(weights) / len(weights):.2f}")
-    with timed(f"train {tag}"):  # step 6
-        model = train(model, tokenizer, examples, args, folder / f"train_log_{tag}.jsonl",
-                      folder.checkpoint(tag))
-    if args.save_model:
-        folder.save_model(model, tokenizer, tag)
-    with timed(f"eval {tag}"):  # step 7
-        result = evaluate(model, tokenizer, test_questions, args, folder / f"predictions_{tag}.jsonl", tag)
-    print(f"[{tag}] accuracy: {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']})")
-    return model, scored, result
-
-def run(args):
-    """The whole loop: sample once, evaluate the backbone, then a self-training round per alpha (and
-    iteration), each from the backbone; results.json, summary, charts. A rerun skips what is finished."""
-    check_args(args)
-    device = join_process_group(resolve_device(args.device))
-    train_questions, test_questions = load_questions(args)
-    folder = RunFolder(args, train_questions, test_questions)  # locked; it knows what earlier runs finished
-    torch.manual_seed(args.seed)  # Python's random numbers come from random.Random(seed) where they are used
-    use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    timed = PhaseTimer(device, folder / "timings.jsonl")  # measures the matmul rate, once the input is good
-    with timed("load model"):
-        model, tokenizer = load_model(args.model, device)
-    timed.flops = flops_per_token(model)
-    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
-          f"{device}, computing in {str(compute_dtype(device)).removeprefix('torch.')}; "
-          f"matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
-    train_questions, too_long = fitting_questions(model, tokenizer, train_questions, test_questions, args)
-    for path in folder.path.glob("checkpoint_*.pt"):  # each holds this model's weights, or nothing is written
-        read_checkpoint(path, model, mmap=True)
-    gen_batch_size = questions_per_call(model, args, device)  # refuses an n (or k) that cannot fit in memory
-    folder.write("config.json", json.dumps(vars(args), indent=2) + "\n")  # the input is good: the first write
-    args.gen_batch_size = gen_batch_size
-    print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
-
-    # Step 1: sample n paths per training question (or start from an earlier run's samples).
-    with timed("sample"):
-        records = sample_responses(model, tokenizer, train_questions, args, folder / "samples.jsonl")
-
-    # Step 7 before training: the backbone's accuracy.
-    with timed("eval backbone"):
-        backbone = evaluate(model, tokenizer, test_questions, args, folder / "predictions_backbone.jsonl",
-                            "backbone")
-    print(f"backbone accuracy: {100 * backbone['accuracy']:.1f}% ({backbone['correct']}/{backbone['total']})")
-
-    # Steps 2-7 for each alpha, each from the backbone and its samples; with --iterations, resample
-    # with the trained model and train again (iterative self-training). --repeats K replicates it all:
-    # each repeat draws its own samples with its own seed (with --same-samples, only its training seed),
-    # with the backbone, once a round of it is to run.
-    with folder.recording(backbone, too_long, timed) as report:  # results.json after every round
-        for repeat in range(1, args.repeats + 1):
-            round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
-            for planned in folder.rounds_to_run(repeat, round_args):  # each alpha's chain, what is left
-                model, tokenizer = folder.weights_of(planned.start, model, tokenizer, device)
-                path, round_records = folder.samples_path(planned), records
-                if path.name != "samples.jsonl":  # step 1 again: a repeat's own draw, or the next iteration's
-                    with timed(f"sample {path.stem.removeprefix('samples_')}"):
-                        round_records = sample_responses(model, tokenizer, train_questions, round_args, path)
-                result = self_training_round(model, tokenizer, round_records, planned.alpha, planned.tag,
-                                             test_questions, round_args, folder, timed)
-                if result is not None:
-                    model, scored, evaluation = result
-                    folder.add_round(round_report(planned, scored, evaluation, round_args))
-    summarise(report, folder.path)
-    leave_process_group()
-    return report
-
+    return scored, examples
 
 # =============================================================================
-# The machinery the steps call: sampling (step 1), training (step 6), evaluation (step 7)
+# Sampling (step 1), training (step 6) and evaluation (step 7)
 # -----------------------------------------------------------------------------
 # Sampling (step 1), also used for greedy evaluation
 
@@ -337,45 +333,6 @@ INSTRUCTIONS = {"gsm8k": PAPER_INSTRUCTION, "math": PAPER_INSTRUCTION,
 def render_prompt(tokenizer, question, style="gsm8k"):
     messages = [{"role": "user", "content": f"{question}\n{INSTRUCTIONS[style]}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-# Measured with the bundled model on a 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s.
-CPU_SEQUENCES_PER_CALL = 128
-PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a call
-VLLM_SEQUENCES_PER_CALL = 4096
-
-def questions_per_call(model, args, device):
-    """--gen-batch-size auto: questions for about 128 sequences per call on a CPU (the measured best); on a
-    GPU as many sequences as 40% of its free memory holds at full length (KV cache in the compute dtype,
-    fp32 logits and a few copies), at most 1024; with several processes the smallest of theirs: all cut the
-    same batches. A call holds one question's n samples (or k, --eval-samples) at least: when even those
-    cannot fit in memory (free_memory), the flag is refused here, before any work, with the estimate."""
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    cache_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * compute_dtype(device).itemsize
-    per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
-    memory = free_memory(device)
-    most, flag = max((args.num_samples, "--num-samples"), (args.eval_samples, "--eval-samples"))
-    if most * per_sequence > memory:
-        raise UsageError(f"{flag} {most} cannot fit: one question's {most} sequences are made in one call, "
-                         f"about {most * per_sequence / 2**30:,.1f} GiB of KV cache (up to "
-                         f"{PROMPT_ALLOWANCE} prompt + {args.max_new_tokens} new tokens each) and logits, "
-                         f"more than the {memory / 2**30:,.1f} GiB there are here; ask for fewer")
-    if args.gen_batch_size != "auto":
-        return int(args.gen_batch_size)
-    if args.engine == "vllm":  # vLLM batches within a call itself; each call is one saved step of progress
-        return max(1, VLLM_SEQUENCES_PER_CALL // args.num_samples)
-    if device.type != "cuda":
-        return max(1, CPU_SEQUENCES_PER_CALL // args.num_samples)
-    return min(gather([max(1, min(1024, int(0.4 * memory) // per_sequence) // args.num_samples)]))
-
-def free_memory(device):
-    """Bytes there are for the work: the GPU's free memory on CUDA, else the machine's physical memory
-    (unbounded where the system does not say: Windows)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
 
 def end_token_ids(model, tokenizer):
     ids = model.generation_config.eos_token_id
@@ -416,14 +373,12 @@ def question_seed(args, stream, question):
 def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
     """Returns ([[response] * num_return per prompt], [[ended] * num_return per prompt]), ended False for a
     response cut off at --max-new-tokens. A sample's random numbers come from its prompt's seed (seeds, else
-    torch's generator); prompt and generated tokens are counted in TOKENS. A plain decoding loop with a KV
+    torch's generator). A plain decoding loop with a KV
     cache: each prompt is encoded once and its cache copied for its samples; a sequence leaves the batch as
     soon as it emits an end token. Sampling uses exactly --temperature and --top-p."""
+    from transformers import DynamicCache
     if seeds is None:
         seeds = [0] * len(prompts) if greedy else torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
-    if args.engine == "vllm":
-        return generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds)
-    from transformers import DynamicCache
     device = next(model.parameters()).device
     if not greedy:  # every uniform number each sample will use, one row per sample
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -432,7 +387,6 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=No
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(device)  # the chat template already has its specials
     mask = batch["attention_mask"]
-    TOKENS["prompt"] += int(mask.sum())
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
     cache = DynamicCache(config=model.config)
     with autocast(device):
@@ -464,28 +418,20 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=No
     texts = [tokenizer.decode(ids[:-1] if ids[-1] in end_ids else ids, skip_special_tokens=True)
              for ids in outputs]
     ended = [ids[-1] in end_ids for ids in outputs]
-    TOKENS["generated"] += sum(len(ids) for ids in outputs)  # an end token was generated too
     starts = range(0, len(outputs), num_return)  # each prompt's samples
     return [texts[i:i + num_return] for i in starts], [ended[i:i + num_return] for i in starts]
 
-def generate_in_calls(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
-    """generate() in calls of at most as many sequences as a sampling call makes (--gen-batch-size x n), so
-    what fits in memory when sampling fits here too, whatever num_return is (maj@k's k, say)."""
-    size = max(1, args.gen_batch_size * args.num_samples // num_return)  # prompts per call
-    parts = [generate(model, tokenizer, prompts[i:i + size], num_return, args, greedy,
-                      seeds and seeds[i:i + size]) for i in range(0, len(prompts), size)]
-    return [texts for part in parts for texts in part[0]], [ended for part in parts for ended in part[1]]
-
-def sample_responses(model, tokenizer, questions, args, path):
-    """Step 1: n responses per question, each question's drawn from its own seed (question_seed); kept in
-    path (samples.jsonl) batch by batch, so an interrupted run resumes. Returns the records in order."""
+def sample_responses(model, tokenizer, questions, args, name, hooks):
+    """Step 1: n responses per question, each question's drawn from its own seed (question_seed, from the
+    samples' name: a repeat or an iteration draws anew); hooks.records keeps them (Part 2: in the run folder's
+    file `name`, batch by batch, so a stopped run resumes). Returns the records in question order."""
     def sample(batch):
         prompts = [render_prompt(tokenizer, q["question"], q["style"]) for q in batch]
-        seeds = [question_seed(args, path.name, q) for q in batch]
-        responses, ended = generate(model, tokenizer, prompts, args.num_samples, args, seeds=seeds)
+        seeds = [question_seed(args, name, q) for q in batch]
+        responses, ended = hooks.generate(model, tokenizer, prompts, args.num_samples, args, seeds=seeds)
         return [{"id": q["id"], "question": q["question"], "gold": q["gold"], "style": q["style"],
                  "responses": r, "ended": e} for q, r, e in zip(batch, responses, ended)]
-    return records_in_batches(path, questions, args.gen_batch_size, "sampling", sample, args.num_samples)
+    return hooks.records(name, questions, args.gen_batch_size, "sampling", sample)
 
 
 # -----------------------------------------------------------------------------
@@ -532,6 +478,17 @@ def collate(sequences, pad_id, device):
 GRAD_CLIP = 1.0  # the max-norm the authors' trainer (Hugging Face Trainer) used by default
 REFERENCE_FIELDS = {"sft": (), "dpo": ("chosen", "rejected"), "kto": ("sequence", "mismatched")}
 
+def compute_dtype(device):
+    """What forward passes compute in: bf16 on a GPU that has it natively (compute capability 8.0 and up:
+    A100, H100, RTX 30xx and later), fp16 on older ones (Colab's T4, V100, P100), fp32 on CPU and MPS."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+def autocast(device):
+    dtype = compute_dtype(device)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
 def logits_and_labels(model, sequences, pad_id):
     """(logits, labels, tokens) of a padded batch of tokenised sequences."""
     device = next(model.parameters()).device
@@ -540,32 +497,31 @@ def logits_and_labels(model, sequences, pad_id):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits, batch["labels"], int(batch["attention_mask"].sum())
 
-@torch.inference_mode()
+@torch.no_grad()
+def logprobs_in_micro_batches(model, sequences, micro_batch_size, pad_id):
+    """log pi(y | x) of each tokenised sequence, without gradient, a micro-batch per forward pass."""
+    logps = []
+    for start in range(0, len(sequences), micro_batch_size):
+        logits, labels, _ = logits_and_labels(model, sequences[start:start + micro_batch_size], pad_id)
+        logps += sequence_logprobs(logits, labels).tolist()
+    return logps
+
 def add_reference_logprobs(model, examples, micro_batch_size, pad_id, loss):
     """DPO and KTO compare with the frozen starting model: its sequence log-probabilities are computed
-    once, before training, so no second copy of the model is held in memory."""
+    once, before training, so no second copy of the model is held in memory. (With several processes each
+    computes them all: one forward pass, and the same values everywhere.)"""
     model.eval()
-    share = my_share(range(len(examples)))  # with several processes each computes a share
     for field in REFERENCE_FIELDS[loss]:
-        values = []
-        for start in range(0, len(share), micro_batch_size):
-            indices = share[start:start + micro_batch_size]
-            logits, labels, _ = logits_and_labels(model, [examples[i][field] for i in indices], pad_id)
-            values += zip(indices, sequence_logprobs(logits, labels).tolist())
-        for i, logp in gather(values):
-            examples[i][f"reference_{field}"] = logp
+        logps = logprobs_in_micro_batches(model, [e[field] for e in examples], micro_batch_size, pad_id)
+        for example, logp in zip(examples, logps):
+            example[f"reference_{field}"] = logp
 
-@torch.no_grad()
 def kto_reference_point(model, examples, micro_batch_size, pad_id):
     """z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)]), y'_i a mismatched response (KTO
-    paper), without gradient, over the whole effective batch before any micro-batch: accumulation keeps it."""
-    gaps = []
-    for batch, real in micro_batches(examples, micro_batch_size, lockstep=is_sharded(model)):
-        logits, labels, _ = logits_and_labels(model, [e["mismatched"] for e in batch], pad_id)
-        if real:
-            reference = torch.tensor([e["reference_mismatched"] for e in batch])
-            gaps += (sequence_logprobs(logits, labels).cpu() - reference).tolist()
-    gaps = gather(gaps)
+    paper), without gradient, over the whole effective batch before any micro-batch: accumulation keeps it.
+    (With several processes each computes it over the whole batch: they all make the same passes.)"""
+    policy = logprobs_in_micro_batches(model, [e["mismatched"] for e in examples], micro_batch_size, pad_id)
+    gaps = [logp - e["reference_mismatched"] for logp, e in zip(policy, examples)]
     return max(0.0, sum(gaps) / len(gaps))
 
 def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=None):
@@ -574,90 +530,70 @@ def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=N
     weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32, device=device)
     def reference(field):
         return torch.tensor([e[f"reference_{field}"] for e in batch], device=device)
+    fields = ("chosen", "rejected") if args.loss == "dpo" else ("sequence",)  # DPO: both in one pass, (2B, T)
+    logits, labels, tokens = logits_and_labels(model, [e[f] for f in fields for e in batch], pad_id)
     if args.loss == "sft":
-        logits, labels, tokens = logits_and_labels(model, [e["sequence"] for e in batch], pad_id)
         return weighted_sft_loss(logits, labels, weights, num_examples), tokens
-    if args.loss == "dpo":  # chosen and rejected in one forward pass: (2B, T)
-        sequences = [e["chosen"] for e in batch] + [e["rejected"] for e in batch]
-        logits, labels, tokens = logits_and_labels(model, sequences, pad_id)
-        policy = sequence_logprobs(logits, labels)  # (2B,)
+    policy = sequence_logprobs(logits, labels)  # (B,), DPO's (2B,)
+    if args.loss == "dpo":
         return weighted_dpo_loss(policy[:len(batch)], policy[len(batch):], reference("chosen"),
                                  reference("rejected"), weights, args.beta, num_examples), tokens
-    logits, labels, tokens = logits_and_labels(model, [e["sequence"] for e in batch], pad_id)
     desirable = torch.tensor([e["desirable"] for e in batch], device=device)
-    return weighted_kto_loss(sequence_logprobs(logits, labels), reference("sequence"), desirable,
-                             reference_point, weights, args.beta, args.desirable_weight,
-                             args.undesirable_weight, num_examples), tokens
+    return weighted_kto_loss(policy, reference("sequence"), desirable, reference_point, weights, args.beta,
+                             args.desirable_weight, args.undesirable_weight, num_examples), tokens
 
-def accumulate_gradients(model, examples, args, pad_id, scaler=None):
-    """Forward and backward one effective batch in micro-batches; returns its (loss, tokens) summed over the
-    processes (this process's trained tokens also go to TOKENS). With several processes each takes every
-    world_size-th example; every loss is already divided by the whole batch's size, so summing the processes'
-    gradients gives the whole batch's (a sharded model sums them itself, each process keeping its part)."""
-    reference_point = None
-    if args.loss == "kto":
-        reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id)
+def accumulate_gradients(model, examples, args, pad_id, scaler, hooks):
+    """Forward and backward one effective batch in micro-batches; returns its (loss, tokens). Every loss is
+    already divided by the whole batch's size, so the gradients add up to the whole batch's (with several
+    processes, each takes a share: hooks.micro_batches, and hooks.gradients_ready sums them)."""
+    kto = args.loss == "kto"  # KTO's reference point z0 is the whole batch's
+    reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id) if kto else None
     total_loss, total_tokens = 0.0, 0
     # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
     fields = ("sequence", "chosen", "rejected")
     by_length = sorted(examples, key=lambda e: max(len(e[f]["input_ids"]) for f in fields if f in e))
-    for batch, real in micro_batches(by_length, args.micro_batch_size, lockstep=is_sharded(model)):
+    for batch in hooks.micro_batches(by_length, args.micro_batch_size):
         loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
-        (scaler.scale(real * loss) if scaler else real * loss).backward()
-        total_loss += real * loss.item()
-        total_tokens += int(real * tokens)
-    TOKENS["trained"] += total_tokens
-    return sum_over_processes(model, total_loss, total_tokens)
+        scaler.scale(loss).backward()  # with fp16 scaled up (see train); else as it is
+        total_loss += loss.item()
+        total_tokens += tokens
+    return hooks.gradients_ready(model, total_loss, total_tokens)
 
-def train(model, tokenizer, examples, args, log_path, checkpoint=None):
-    """Step 6: AdamW with linear warm-up and decay over the weighted loss; a log line and a JSONL row in
-    log_path per optimiser step; saved to and resumed from checkpoint (Checkpoint.save says when). Returns
-    the trained model: with --fsdp a new one."""
+def train(model, tokenizer, examples, args, hooks):
+    """Step 6: AdamW with linear warm-up and decay over the weighted loss, a log line per optimiser step.
+    hooks: resume, checkpoints, the loss log, processes and FSDP (Part 2). Returns the trained model."""
     from transformers import get_linear_schedule_with_warmup
-    stop_vllm()  # with --engine vllm: the GPU is the trained model's now
-    device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    batches = batch_order(len(examples), args.batch_size, args.epochs, args.seed)  # each step's examples
     total_steps = args.epochs * steps_per_epoch
-    checkpoint = checkpoint or Checkpoint(None)
-    if checkpoint.holds_finished_training(model, total_steps):  # and has loaded its weights into model
-        return model.eval()
-    if args.loss != "sft":  # from the starting weights, also when resuming
-        add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
-    model = training_mode(model, args, on=True)  # activation checkpointing, FSDP
+    add_reference_logprobs(model, examples, args.micro_batch_size, tokenizer.pad_token_id, args.loss)
+    model = hooks.training_mode(model, on=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     # fp16 gradients underflow unless the loss is scaled up first; in bf16 and fp32 the scaler is off.
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
-    done = checkpoint.restore(model, optimizer, scheduler, scaler)  # the steps an earlier run finished
+    scaler = torch.amp.GradScaler(model.device.type, enabled=compute_dtype(model.device) == torch.float16)
+    done = hooks.resume(model, optimizer, scheduler, scaler, total_steps)  # steps an earlier run finished
     print(f"training ({args.loss}): {len(examples)} examples, {args.epochs} epochs, {total_steps} steps of "
-          f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}"
-          + (f", sharded among {world_size()} processes" if args.fsdp else ""))
-    with open_loss_log(log_path, done) as log:
-        for step, indices in enumerate(itertools.islice(batches, done, None), done + 1):  # those not done
-            epoch = (step - 1) // steps_per_epoch + 1
-            step_start = time.time()
-            loss, tokens = accumulate_gradients(model, [examples[i] for i in indices], args,
-                                                tokenizer.pad_token_id, scaler)
-            if not math.isfinite(loss):
-                raise UsageError(f"training stopped at step {step}: the loss is {loss}; the last good "
-                                 f"checkpoint is kept ({checkpoint.path}); try a lower --lr")
-            scaler.unscale_(optimizer)  # the clip applies to the true gradient
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            lr = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            speed = tokens / max(time.time() - step_start, 1e-9)
-            print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
-                  f"{speed:6.0f} tok/s")
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens})
-                      + "\n")
-            checkpoint.save(model, optimizer, scheduler, scaler, step, total_steps, every=args.save_every)
+          f"{args.batch_size} ({args.micro_batch_size} per forward pass), peak lr {args.lr:g}")
+    batches = batch_order(len(examples), args.batch_size, args.epochs, args.seed)  # each step's examples
+    for step, indices in enumerate(itertools.islice(batches, done, None), done + 1):  # those not done
+        step_start, epoch = time.time(), (step - 1) // steps_per_epoch + 1
+        loss, tokens = accumulate_gradients(model, [examples[i] for i in indices], args,
+                                            tokenizer.pad_token_id, scaler, hooks)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training stopped at step {step}: the loss is {loss}; try a lower --lr")
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens}
+        scaler.unscale_(optimizer)  # the clip applies to the true gradient
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(f"step {step:4d}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {row['lr']:.2e} | "
+              f"{tokens / max(time.time() - step_start, 1e-9):6.0f} tok/s")
+        hooks.step_done(row, model, optimizer, scheduler, scaler, total_steps)
     del optimizer, scheduler  # free the AdamW state before a sharded model is gathered whole
-    return training_mode(model, args, on=False)
+    return hooks.training_mode(model, on=False)
 
 def batch_order(num_examples, batch_size, epochs, seed):
     """The examples of each optimiser step, as indices: every epoch a new shuffle from one seeded stream,
@@ -669,33 +605,25 @@ def batch_order(num_examples, batch_size, epochs, seed):
         rng.shuffle(order)
         yield from (order[first:first + batch_size] for first in range(0, num_examples, batch_size))
 
-def training_mode(model, args, on):
-    """The model into training (on) or out of it: activation checkpointing with --gradient-checkpointing;
-    with --fsdp its weights, gradients and AdamW state split among the processes, and whole again after."""
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable() if on else model.activation_checkpointing_disable()
-    if args.fsdp:
-        model = shard(model) if on else unshard(model)
-    return model.train(on)
-
 
 # -----------------------------------------------------------------------------
 # Evaluation (step 7)
 
-def evaluate(model, tokenizer, questions, args, path, label):
-    """Step 7: greedy accuracy, plus maj@k and pass@k with --eval-samples k; one row per question in path,
-    appended batch by batch (resumable like sampling). Returns the accuracy report."""
+def evaluate(model, tokenizer, questions, args, label, hooks):
+    """Step 7: greedy accuracy, plus maj@k and pass@k with --eval-samples k; one row per question, kept by
+    hooks.records (Part 2: in predictions_LABEL.jsonl, batch by batch, resumable like sampling). Returns the
+    accuracy report."""
     model.eval()
     def answer(batch):
         prompts = [render_prompt(tokenizer, q["question"], q["style"]) for q in batch]
-        greedy = generate_in_calls(model, tokenizer, prompts, 1, args, greedy=True)
+        greedy = hooks.generate(model, tokenizer, prompts, 1, args, greedy=True)
         sampled = [[None] * len(batch)] * 2  # each question's samples and their ended flags: none yet
         if args.eval_samples:  # every model's maj@k samples draw the same numbers (question_seed)
             seeds = [question_seed(args, "evaluation", q) for q in batch]
-            sampled = generate_in_calls(model, tokenizer, prompts, args.eval_samples, args, seeds=seeds)
+            sampled = hooks.generate(model, tokenizer, prompts, args.eval_samples, args, seeds=seeds)
         return [prediction_row(q, *row) for q, *row in zip(batch, *greedy, *sampled)]
     per_call = args.gen_batch_size * args.num_samples  # greedy: as many sequences per call as in sampling
-    rows = records_in_batches(path, questions, per_call, f"evaluating {label}", answer)
+    rows = hooks.records(f"predictions_{label}.jsonl", questions, per_call, f"evaluating {label}", answer)
     return accuracy_report(rows, args.eval_samples)
 
 def prediction_row(question, greedy, greedy_ended, samples=None, samples_ended=None):
@@ -737,6 +665,11 @@ def accuracy_report(rows, k=0):
     return report
 
 
+# =============================================================================
+# Part 2: everything else. The grader's internals, then scale (several processes, FSDP, vLLM: the hooks Part 1
+# calls), set-up (CLI, data, model, run folder, the run itself) and reporting. It calls into Part 1 and wraps
+# it; Part 1 uses nothing defined here but the grader's entry points extract_answer, canonical_answer and
+# is_equiv.
 # =============================================================================
 # Answers: extraction and equivalence (step 2)
 #
@@ -1087,7 +1020,7 @@ def is_equiv(pred, gold):
 
 
 # =============================================================================
-# Scale: several processes, FSDP and vLLM. The steps above call into this section in one line each.
+# Scale: several processes, FSDP and vLLM, and the hooks through which they reach Part 1's loop (Machinery).
 # -----------------------------------------------------------------------------
 # Processes: `accelerate launch` (or torchrun) starts several, one per GPU. Each samples and evaluates
 # every world_size-th batch, and they train as one model by summing their gradients (data parallel).
@@ -1146,16 +1079,6 @@ def gather(items):
     parts = [None] * world_size()
     torch.distributed.all_gather_object(parts, items)
     return [item for part in parts for item in part]
-
-def micro_batches(examples, size, lockstep):
-    """This process's share of examples, cut into micro-batches of (examples, real): real is 1.0, or 0.0 for a
-    pass that only keeps step. With lockstep every process makes as many forward passes as the busiest one
-    (a sharded model gathers its weights in each pass, together): the extra passes count zero."""
-    share = my_share(examples)
-    batches = [(share[start:start + size], 1.0) for start in range(0, len(share), size)]
-    if lockstep:
-        batches += [(examples[:1], 0.0)] * (max(gather([len(batches)])) - len(batches))
-    return batches
 
 def sum_over_processes(model, loss, tokens):
     """Data parallel: every process's gradients summed into each (a sharded model has summed its own), and the
@@ -1238,14 +1161,21 @@ def training_state(model, optimizer=None):
         return dcp.get_model_state_dict(model, options=options), None
     return dcp.get_state_dict(model, optimizer, options=options)
 
-def load_training_state(model, optimizer, model_state, optimizer_state):
+def load_training_state(model, optimizer, model_state, optimizer_state=None):
+    """Whole state dicts into a model (sharded or not) and AdamW; without an optimizer state, the weights
+    alone."""
     if not is_sharded(model):
         model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    if optimizer_state is None:
+        set_model_state_dict(model, model_state, options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=options)
 
 
 # -----------------------------------------------------------------------------
@@ -1300,6 +1230,7 @@ def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seed
     top-p; its own random numbers, from each prompt's seed, so a rerun samples the same."""
     from vllm import SamplingParams
     engine = start_vllm(model, tokenizer, args)
+    seeds = seeds or [None] * len(prompts)  # none given: greedy, or vLLM's own random numbers
     params = [SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature,
                              top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
                              stop_token_ids=sorted(end_token_ids(model, tokenizer)), seed=seed)
@@ -1311,6 +1242,128 @@ def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seed
     return ([[sample.text for sample in result.outputs] for result in results],
             [[sample.finish_reason == "stop" for sample in result.outputs] for result in results])
 
+
+# -----------------------------------------------------------------------------
+# Part 1's hooks with the machinery: memory sizing, processes, FSDP, vLLM, token counts, loss log, checkpoints
+
+# Measured with the bundled model on a 2-core CPU: 32, 64, 128, 256 sequences -> 217, 287, 345, 284 tokens/s.
+CPU_SEQUENCES_PER_CALL = 128
+PROMPT_ALLOWANCE = 512  # tokens of prompt assumed per sequence when sizing a call
+VLLM_SEQUENCES_PER_CALL = 4096
+
+def questions_per_call(model, args, device):
+    """--gen-batch-size auto: questions for about 128 sequences per call on a CPU (the measured best); on a
+    GPU as many sequences as 40% of its free memory holds at full length (KV cache in the compute dtype,
+    fp32 logits and a few copies), at most 1024; with several processes the smallest of theirs: all cut the
+    same batches. A call holds one question's n samples (or k, --eval-samples) at least: when even those
+    cannot fit in memory (free_memory), the flag is refused here, before any work, with the estimate."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cache_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * compute_dtype(device).itemsize
+    per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
+    memory = free_memory(device)
+    most, flag = max((args.num_samples, "--num-samples"), (args.eval_samples, "--eval-samples"))
+    if most * per_sequence > memory:
+        raise UsageError(f"{flag} {most} cannot fit: one question's {most} sequences are made in one call, "
+                         f"about {most * per_sequence / 2**30:,.1f} GiB of KV cache (up to "
+                         f"{PROMPT_ALLOWANCE} prompt + {args.max_new_tokens} new tokens each) and logits, "
+                         f"more than the {memory / 2**30:,.1f} GiB there are here; ask for fewer")
+    if args.gen_batch_size != "auto":
+        return int(args.gen_batch_size)
+    if args.engine == "vllm":  # vLLM batches within a call itself; each call is one saved step of progress
+        return max(1, VLLM_SEQUENCES_PER_CALL // args.num_samples)
+    if device.type != "cuda":
+        return max(1, CPU_SEQUENCES_PER_CALL // args.num_samples)
+    return min(gather([max(1, min(1024, int(0.4 * memory) // per_sequence) // args.num_samples)]))
+
+def free_memory(device):
+    """Bytes there are for the work: the GPU's free memory on CUDA, else the machine's physical memory
+    (unbounded where the system does not say: Windows)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+
+class Machinery:
+    """Part 1's sampling and training hooks (listed above experiment): the sampler in calls that fit in memory
+    (or vLLM), the work shared among processes (and FSDP), every token counted for the phase timer (TOKENS);
+    given a loss log and a Checkpoint, each optimiser step logged and saved, and a stopped training resumed.
+    RunFolder adds the rest of the hooks. For train alone, in memory: train(..., Machinery(args))."""
+
+    def __init__(self, args, loss_log=None, checkpoint=None):
+        self.args, self.loss_log, self.training_checkpoint = args, loss_log, checkpoint or Checkpoint(None)
+        self.log, self.padding_tokens = None, 0  # the open loss log; the tokens of lockstep passes
+
+    def generate(self, model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
+        """With --engine vllm, vLLM; else Part 1's generate in calls of at most as many sequences as a
+        sampling call makes (--gen-batch-size x n), so what fits in memory when sampling fits here too,
+        whatever num_return is (maj@k's k, say). Its tokens are counted in TOKENS from its forward passes:
+        a prompt's pass (logits_to_keep) reads the prompts, each later pass feeds one generated token per
+        row, and every sequence's last token, never fed back, is one more."""
+        if args.engine == "vllm":
+            return generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds)
+        def count(module, inputs, kwargs):
+            if "logits_to_keep" in kwargs:
+                TOKENS["prompt"] += int(kwargs["attention_mask"].sum())
+            else:
+                TOKENS["generated"] += len(kwargs["input_ids"])
+        size = max(1, args.gen_batch_size * args.num_samples // num_return)  # prompts per call
+        hook = model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            parts = [generate(model, tokenizer, prompts[i:i + size], num_return, args, greedy,
+                              seeds and seeds[i:i + size]) for i in range(0, len(prompts), size)]
+        finally:
+            hook.remove()
+        TOKENS["generated"] += len(prompts) * num_return
+        return [texts for part in parts for texts in part[0]], [ended for part in parts for ended in part[1]]
+
+    def training_mode(self, model, on):
+        """The model into training (on) or out of it. With --engine vllm, vLLM is stopped first (the GPU is
+        the trained model's now); activation checkpointing with --gradient-checkpointing; with --fsdp its
+        weights, gradients and AdamW state split among the processes, and whole again after."""
+        if on:
+            stop_vllm()
+        if self.args.gradient_checkpointing:
+            model.activation_checkpointing_enable() if on else model.activation_checkpointing_disable()
+        if self.args.fsdp:
+            model = shard(model) if on else unshard(model)
+        if self.args.fsdp and on:
+            print(f"training: sharded among {world_size()} processes (FSDP)")
+        if not on and self.log:
+            self.log.close()
+        return model.train(on)
+
+    def resume(self, model, optimizer, scheduler, scaler, total_steps):
+        """The steps an earlier run finished, put back from the checkpoint (Checkpoint.restore); the loss log
+        cut back to them, and appended to from there."""
+        done = self.training_checkpoint.restore(model, optimizer, scheduler, scaler, total_steps)
+        self.log = open_loss_log(self.loss_log, done) if self.loss_log and done < total_steps else None
+        return done
+
+    def micro_batches(self, examples, size):
+        """This process's share of the batch (every world_size-th example) in micro-batches. With FSDP every
+        process makes as many forward passes as the busiest one (a sharded model gathers each layer's weights
+        in every pass, together): an extra pass is of an example weighted 0, which trains nothing."""
+        share = my_share(examples)
+        batches = [share[start:start + size] for start in range(0, len(share), size)]
+        extra = max(gather([len(batches)])) - len(batches) if self.args.fsdp else 0
+        fields = [f for f in ("sequence", "chosen", "rejected") if f in examples[0]]  # what a pass reads
+        self.padding_tokens = extra * sum(len(examples[0][f]["input_ids"]) for f in fields)
+        return batches + [[{**examples[0], "weight": 0.0}]] * extra
+
+    def gradients_ready(self, model, loss, tokens):
+        """Every process's gradients summed into each, and the batch's loss and tokens (sum_over_processes);
+        this process's trained tokens, less its extra passes', go to TOKENS."""
+        tokens -= self.padding_tokens
+        TOKENS["trained"] += tokens
+        return sum_over_processes(model, loss, tokens)
+
+    def step_done(self, row, model, optimizer, scheduler, scaler, total_steps):
+        if self.log:
+            self.log.write(json.dumps(row) + "\n")
+        self.training_checkpoint.save(model, optimizer, scheduler, scaler, row["step"], total_steps,
+                                      every=self.args.save_every)
 
 # =============================================================================
 # Set-up: command line, data, model, run folder
@@ -1438,17 +1491,6 @@ def resolve_device(name):
         raise UsageError(f"--device {name}, but PyTorch sees no {dict(cuda='CUDA', mps='Apple')[name]} GPU; "
                          f"use --device cpu or auto")
     return torch.device(name)
-
-def compute_dtype(device):
-    """What forward passes compute in: bf16 on a GPU that has it natively (compute capability 8.0 and up:
-    A100, H100, RTX 30xx and later), fp16 on older ones (Colab's T4, V100, P100), fp32 on CPU and MPS."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-def autocast(device):
-    dtype = compute_dtype(device)
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -1696,14 +1738,17 @@ ROUND_KEYS = ("train_size", "eval_size", "eval_samples", "mapping", "weighting",
 SAVE_INTERVAL = 600  # seconds between training checkpoints besides --save-every's
 HELD_LOCKS, NEW_FOLDERS = [], []  # the open lock files of this process's runs, and the folders they made
 
-class RunFolder:
+class RunFolder(Machinery):
     """--output-dir, locked for one run, and the one place that knows what earlier runs in it finished. The
     records are the truth: a round whose predictions hold every test question is finished, and its report
     is rebuilt from its records (finished_round); results.json is a report, written and never read. Work
-    done with other flags is refused."""
+    done with other flags is refused. As Part 1's hooks it keeps every record in the folder, times each
+    phase, plans the rounds still to run and gives each its starting weights, loss log and checkpoint."""
 
     def __init__(self, args, train_questions=(), test_questions=()):
-        self.args, self.path, self.holds = args, Path(args.output_dir), None  # holds: see weights_of
+        super().__init__(args)
+        self.path, self.holds = Path(args.output_dir), None  # holds: see weights_of
+        self.report, self.timed, self.device, self.too_long = None, None, None, []  # run() sets the last 3
         self.questions, self.finished = (train_questions, test_questions), {}  # finished: tag -> its entry
         try:
             new = not self.path.exists()
@@ -1749,6 +1794,44 @@ class RunFolder:
 
     def __truediv__(self, name):
         return self.path / name
+
+    def phase(self, name):
+        return self.timed(name)
+
+    def records(self, name, questions, batch_size, label, make):
+        num_samples = self.args.num_samples if name.startswith("samples") else None  # a samples file's n
+        return records_in_batches(self / name, questions, batch_size, label, make, num_samples)
+
+    def backbone_evaluated(self, evaluation):
+        """The report that results.json holds starts: rewritten whole after every round and at the end."""
+        self.report = {"config": vars(self.args), "backbone": evaluation, "rounds": [],
+                       "skipped_long_prompts": self.too_long}
+
+    def rounds(self, args):
+        """Part 1's rounds for every repeat, less what an earlier run finished (rounds_to_run). --repeats K
+        replicates them all: each repeat draws its own samples with its own seed (with --same-samples, only
+        its training seed), once a round of it is to run. Each round trains with its loss log and
+        checkpoint."""
+        for repeat in range(1, args.repeats + 1):
+            round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
+            for planned in self.rounds_to_run(repeat, round_args):  # each alpha's chain, what is left
+                samples = self.samples_path(planned).stem.removeprefix("samples")
+                planned.args, planned.samples = round_args, samples.removeprefix("_") or None
+                self.loss_log = self / f"train_log_{planned.tag}.jsonl"
+                self.training_checkpoint = self.checkpoint(planned.tag)
+                yield planned
+
+    def starting_weights(self, planned, model, tokenizer):
+        return self.weights_of(planned.start, model, tokenizer, self.device)
+
+    def weighted(self, tag, scored):
+        self.write(f"weights_{tag}.jsonl", "".join(json.dumps({k: v for k, v in s.items() if k != "question"})
+                                                    + "\n" for s in scored))
+
+    def round_finished(self, planned, model, tokenizer, scored, evaluation):
+        if self.args.save_model:
+            self.save_model(model, tokenizer, planned.tag)
+        self.add_round(round_report(planned, scored, evaluation, planned.args))
 
     def write(self, name, content):
         """One process writes for all, whole (write_atomically)."""
@@ -1826,18 +1909,6 @@ class RunFolder:
             self.holds = start
         return model, tokenizer
 
-    @contextlib.contextmanager
-    def recording(self, backbone, skipped_long_prompts, timed):
-        """Yields the report that results.json holds, rewritten whole after every round and at the end, also
-        when interrupted: the backbone and every finished round are kept."""
-        self.report, self.timed = {"config": vars(self.args), "backbone": backbone, "rounds": [],
-                                   "skipped_long_prompts": skipped_long_prompts}, timed
-        try:
-            yield self.report
-        finally:
-            stop_vllm()
-            self.save_results()
-
     def add_round(self, entry, rebuilt=False):
         """A finished round's entry (round_report) to the report; a new one is written to results.json at
         once, and the model holds its weights."""
@@ -1866,29 +1937,24 @@ class Checkpoint:
     scaler and random state, so training goes on exactly where it stopped. Training anew voids `stale`."""
 
     def __init__(self, path, stale=None):
-        self.path, self.stale, self.state, self.saved = path, stale, None, time.time()
+        self.path, self.stale, self.saved = path, stale, time.time()
 
-    def holds_finished_training(self, model, total_steps):
-        """Reads the checkpoint; True when its training is finished, and then its weights are loaded into
-        model. Otherwise model keeps the starting weights (DPO's and KTO's reference) until restore."""
-        if self.path and self.path.exists():
-            self.state = read_checkpoint(self.path, model)
-            if self.state["total_steps"] != total_steps:
-                raise UsageError(f"{self.path} is from a training of {self.state['total_steps']} steps, not "
-                                 f"{total_steps}; delete it to train afresh, or use another --output-dir")
-            if self.state["step"] == total_steps:
-                model.load_state_dict(self.state["model"])
-                print(f"training: finished in an earlier run ({self.path.name}); skipped")
-                return True
+    def restore(self, model, optimizer, scheduler, scaler, total_steps):
+        """The optimiser steps an earlier run finished (0: none), their state put back: for a finished
+        training its weights alone. Otherwise training goes on (or starts), which voids `stale`. Called
+        once AdamW is made, after DPO's and KTO's reference is computed from the starting weights."""
+        state = read_checkpoint(self.path, model) if self.path and self.path.exists() else None
+        if state and state["total_steps"] != total_steps:
+            raise UsageError(f"{self.path} is from a training of {state['total_steps']} steps, not "
+                             f"{total_steps}; delete it to train afresh, or use another --output-dir")
+        if state and state["step"] == total_steps:
+            load_training_state(model, optimizer, state["model"])
+            print(f"training: finished in an earlier run ({self.path.name}); skipped")
+            return total_steps
         if self.stale:
             remove_with_process_files(self.stale)
-        return False
-
-    def restore(self, model, optimizer, scheduler, scaler):
-        """Puts the training state that holds_finished_training read back; returns its step (0: none)."""
-        if self.state is None:
+        if state is None:
             return 0
-        state, self.state = self.state, None
         load_training_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -2223,14 +2289,14 @@ def benchmark(args):
     train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
     with timed("sample (batched)"):
         torch.manual_seed(args.seed)
-        generate_in_calls(model, tokenizer, prompts, args.num_samples, args)
+        Machinery(args).generate(model, tokenizer, prompts, args.num_samples, args)
     with timed("eval (greedy)"):
-        generate_in_calls(model, tokenizer, prompts, 1, args, greedy=True)
+        Machinery(args).generate(model, tokenizer, prompts, 1, args, greedy=True)
     for name in ("warm-up", "train (1 epoch)"):  # the first training pays for fresh memory later ones reuse
         with contextlib.redirect_stdout(None), timed(name):  # print() writes nothing to None
             examples = [{"sequence": tokenize_example(tokenizer, q["question"], q["answer"]), "weight": 1.0}
                         for q in problems]
-            train(model, tokenizer, examples, train_args, out_dir / "train_log.jsonl")
+            train(model, tokenizer, examples, train_args, Machinery(train_args, out_dir / "train_log.jsonl"))
     timed.rows = [row for row in timed.rows if row["phase"] != "warm-up"]  # both trainings measured warm
     with timed("peer: model.generate"):  # the same sampling through transformers' model.generate
         torch.manual_seed(args.seed)
@@ -2536,13 +2602,52 @@ def draw_charts(report, out):
         plt.close(fig)
     print(f"charts: {', '.join(c[0] + '.png' for c in charts)} in {out}")
 
+# -----------------------------------------------------------------------------
+# The run: Part 1's experiment, wrapped
+
+def run(args):
+    """What the command line runs: the input checked, the processes joined, the data and the model loaded, the
+    run folder prepared (locked; it knows what earlier runs finished), then Part 1's experiment with the run
+    folder as its hooks, results.json after every round, and the summary. A rerun skips what is finished."""
+    check_args(args)
+    device = join_process_group(resolve_device(args.device))
+    train_questions, test_questions = load_questions(args)
+    folder = RunFolder(args, train_questions, test_questions)  # locked; it knows what earlier runs finished
+    torch.manual_seed(args.seed)  # Python's random numbers come from random.Random(seed) where they are used
+    use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    timed = PhaseTimer(device, folder / "timings.jsonl")  # measures the matmul rate, once the input is good
+    with timed("load model"):
+        model, tokenizer = load_model(args.model, device)
+    timed.flops = flops_per_token(model)
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
+          f"{device}, computing in {str(compute_dtype(device)).removeprefix('torch.')}; "
+          f"matmul {timed.flops_per_second / 1e9:.0f} GFLOP/s")
+    train_questions, too_long = fitting_questions(model, tokenizer, train_questions, test_questions, args)
+    for path in folder.path.glob("checkpoint_*.pt"):  # each holds this model's weights, or nothing is written
+        read_checkpoint(path, model, mmap=True)
+    gen_batch_size = questions_per_call(model, args, device)  # refuses an n (or k) that cannot fit in memory
+    folder.write("config.json", json.dumps(vars(args), indent=2) + "\n")  # the input is good: the first write
+    args.gen_batch_size = gen_batch_size
+    print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
+    folder.timed, folder.device, folder.too_long = timed, device, too_long
+    try:
+        experiment(model, tokenizer, train_questions, test_questions, args, folder)
+    finally:  # also when interrupted: the backbone and every finished round are in results.json
+        stop_vllm()
+        if folder.report is not None:
+            folder.save_results()
+    summarise(folder.report, folder.path)
+    leave_process_group()
+    return folder.report
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
         benchmark(args) if args.bench else run(args)
         return 0
-    except UsageError as e:
+    except (UsageError, FloatingPointError) as e:  # bad input, or a loss that is not finite (train)
         print(f"east.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -51,6 +51,9 @@ def fixed_random_state():
     torch.manual_seed(seed)
 
 
+DISABLED_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the loss as it is
+
+
 def assert_close(actual, expected, rel, what=""):
     """Two tensors equal up to float32 round-off: the norm of their difference within rel of the norm of what
     is compared. Sums of the same terms in another order (micro-batches, processes, a resume) differ by a few
@@ -420,27 +423,57 @@ def test_kto_loss_hand_values_and_per_example_weights():
 # One round and the run: the whole pipeline on the tiny model
 
 
-# The five step functions read as their paper steps: scale, resume and timing stay behind one-line calls.
-STEPS = ("run", "self_training_round", "sample_responses", "train", "evaluate")
-MACHINERY = {"gather", "my_share", "is_main", "wait_for_everyone", "merge_process_files", "own_file",
-             "save_checkpoint", "load_training_state", "remove_with_process_files", "sum_over_processes",
-             "Counter", "append_records", "read_records", "keep_log_rows", "training_state", "torch.load"}
+# Part 1 (before the "# Part 2" banner) is EAST, closed: it uses no module-level name that Part 2 defines but
+# the grader's entry points, and reads flat: from the experiment to the loss in at most four calls.
+GRADER_ENTRY_POINTS = {"extract_answer", "canonical_answer", "is_equiv"}
 
 
-def test_the_steps_call_no_machinery():
+def part_names(source):
+    """(the banner's line, {module-level name: 1 or 2, the part defining it}, Part 1's top-level nodes)."""
+    import ast
+    lines = source.split("\n")
+    banners = [i for i, line in enumerate(lines, 1) if line.startswith("# Part 2")]
+    assert len(banners) == 1, banners
+    tree, where = ast.parse(source), {}
+    for node in tree.body:
+        targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            t.id for target in getattr(node, "targets", [getattr(node, "target", None)]) if target is not None
+            for t in ast.walk(target) if isinstance(t, ast.Name)]
+        for name in targets:
+            where[name] = 1 if node.lineno < banners[0] else 2
+    return banners[0], where, [node for node in tree.body if node.lineno < banners[0]]
+
+
+def part_two_names_used_by_part_one(source):
+    import ast
+    _, where, part1 = part_names(source)
+    return {n.id for node in part1 for n in ast.walk(node)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and where.get(n.id) == 2}
+
+
+def test_part_one_uses_nothing_part_two_defines_but_the_grader_entry_points():
+    source = Path(east.__file__).read_text()
+    assert part_two_names_used_by_part_one(source) == GRADER_ENTRY_POINTS
+    assert all(name in east.__doc__ for name in GRADER_ENTRY_POINTS)  # named in the module docstring
+    # A mutation of the kind this guards against: a process call in train is caught.
+    bad = source.replace("    total_steps = args.epochs * steps_per_epoch\n",
+                         "    total_steps = args.epochs * steps_per_epoch\n    world_size()\n", 1)
+    assert bad != source and part_two_names_used_by_part_one(bad) == GRADER_ENTRY_POINTS | {"world_size"}
+
+
+def test_part_one_reads_flat_from_the_experiment_to_the_loss():
     import ast
     tree = ast.parse(Path(east.__file__).read_text())
-    steps = {node.name: node for node in tree.body
-             if isinstance(node, ast.FunctionDef) and node.name in STEPS}
-    assert set(steps) == set(STEPS)
-    for name, node in steps.items():
-        called = {ast.unparse(call.func) for call in ast.walk(node) if isinstance(call, ast.Call)}
-        assert not called & MACHINERY, (name, called & MACHINERY)
-        assert not any(isinstance(n, ast.Attribute) and n.attr == "tokens" and isinstance(n.ctx, ast.Store)
-                       for n in ast.walk(node)), name  # token counts reach the timer through TOKENS
-    # A mutation of the kind this guards against: a process call back in a step is caught.
-    bad = ast.parse("def train(model):\n    return gather([model])").body[0]
-    assert {ast.unparse(c.func) for c in ast.walk(bad) if isinstance(c, ast.Call)} & MACHINERY
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    def called(node):
+        return {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+    calls = {name: called(node) for name, node in functions.items()}
+    depth, frontier = 0, {"experiment"}
+    while "weighted_sft_loss" not in frontier:  # breadth first: the fewest calls that reach the loss
+        frontier, depth = {callee for f in frontier for callee in calls.get(f, ())}, depth + 1
+        assert depth <= 4, "the loss is more than four calls from the experiment"
+    assert functions["experiment"].end_lineno - functions["experiment"].lineno + 1 <= 40
+    assert functions["train"].end_lineno - functions["train"].lineno + 1 <= 35
 
 
 def test_every_function_in_the_readme_map_is_in_east_py():
@@ -818,10 +851,11 @@ def test_decoding_loop_matches_transformers_greedy_generate():
         )
         for q in ("Say hi.", "What is 2 + 3?", "Name a colour.", "Count from 1 to 30.")
     ]
-    args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0)
+    args = argparse.Namespace(engine="transformers", max_new_tokens=40, temperature=1.0, top_p=1.0,
+                              gen_batch_size=4, num_samples=2)  # the four prompts in one call
     before = east.TOKENS.copy()
-    ours, ended = east.generate(model, tokenizer, prompts, 2, args, greedy=True)
-    tokens = east.TOKENS - before  # what this call counted
+    ours, ended = east.Machinery(args).generate(model, tokenizer, prompts, 2, args, greedy=True)
+    tokens = east.TOKENS - before  # what this call counted (Part 1's generate, counted by Part 2)
     batch = tokenizer(
         prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
     )
@@ -892,7 +926,8 @@ def test_gradient_does_not_depend_on_micro_batching(tiny_model):
     for micro in (4, 1):
         model.zero_grad()
         args = east.build_parser().parse_args(["--micro-batch-size", str(micro)])
-        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
+        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id, DISABLED_SCALER,
+                                  east.Machinery(args))
         grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert_close(grads[4], grads[1], rel=1e-5)
 
@@ -917,7 +952,8 @@ def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, los
         args = east.build_parser().parse_args(
             ["--micro-batch-size", str(micro), "--loss", loss, "--beta", "0.5"]
         )
-        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id)
+        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id, DISABLED_SCALER,
+                                  east.Machinery(args))
         grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert grads[4].abs().sum() > 0
     assert_close(grads[4], grads[1], rel=1e-5)
@@ -946,7 +982,7 @@ def test_the_optimiser_never_steps_on_a_gradient_longer_than_the_clip(tiny_model
     examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0 + i / 4}
                 for i in range(4)]
     args = east.build_parser().parse_args(["--epochs", "2", "--batch-size", "2", "--lr", "1e-2"])
-    east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
+    east.train(model, tokenizer, examples, args, east.Machinery(args, tmp_path / "log.jsonl"))
     assert len(at_step) == len(before_clip) == 4
     assert max(before_clip) > east.GRAD_CLIP  # the set-up is one where clipping changes the step
     assert at_step == pytest.approx([min(norm, east.GRAD_CLIP) for norm in before_clip], rel=1e-4)
@@ -997,7 +1033,7 @@ def test_fp16_training_scales_the_loss(tiny_model, tmp_path, monkeypatch):
     examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * i, "7 " * (i + 1)), "weight": 1.0}
                 for i in range(4)]
     args = east.build_parser().parse_args(["--epochs", "4", "--batch-size", "2", "--lr", "1e-2"])
-    east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
+    east.train(model, tokenizer, examples, args, east.Machinery(args, tmp_path / "log.jsonl"))
     trained = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert len(scales) == 8 and min(scales) > 1  # every step's loss was scaled up
     assert torch.isfinite(trained).all() and not torch.equal(trained, start)
@@ -1053,7 +1089,7 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_model, tmp_path, monk
             for i in range(4)
         ]
         args = east.build_parser().parse_args(["--epochs", "2", "--batch-size", "2", "--lr", "1e-2", *flags])
-        east.train(model, tokenizer, examples, args, tmp_path / "log.jsonl")
+        east.train(model, tokenizer, examples, args, east.Machinery(args, tmp_path / "log.jsonl"))
         # on while training only
         assert checkpointing == [bool(flags)] * 4 and not model.is_activation_checkpointing
         trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -1081,12 +1117,12 @@ def test_a_preference_training_resumed_mid_way_compares_with_the_starting_weight
             model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
             with pytest.raises(KeyboardInterrupt):
                 east.train(model, tokenizer, east.build_examples(tokenizer, scored, loss), args,
-                           tmp_path / "log.jsonl", east.Checkpoint(path))
+                           east.Machinery(args, tmp_path / "log.jsonl", east.Checkpoint(path)))
             assert torch.load(path, weights_only=True)["step"] == 2
             monkeypatch.setattr(east, "accumulate_gradients", accumulate)
         model, tokenizer = east.load_model(str(tiny_model), torch.device("cpu"))
         model = east.train(model, tokenizer, east.build_examples(tokenizer, scored, loss), args,
-                           tmp_path / "log.jsonl", east.Checkpoint(path))
+                           east.Machinery(args, tmp_path / "log.jsonl", east.Checkpoint(path)))
         trained[stop] = torch.cat([p.detach().flatten() for p in model.parameters()])
     start = torch.cat([p.detach().flatten() for p in east.load_model(str(tiny_model), "cpu")[0].parameters()])
     assert not torch.allclose(trained[False], start)
@@ -1188,14 +1224,16 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
         if greedy:
             return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], [[True]] * len(prompts)
         return [samples[q] for q in questions], [[True] * 3] * len(prompts)
-    monkeypatch.setattr(east, "generate", canned_generate)
     questions = [
         {"id": f"test-{i}", "question": q, "gold": "2", "style": "math"} for i, q in enumerate(samples)
     ]
     args = argparse.Namespace(gen_batch_size=4, num_samples=1, eval_samples=3, seed=0)
-    report = east.evaluate(types.SimpleNamespace(eval=lambda: None), CharTokenizer(), questions, args,
-                           tmp_path / "predictions.jsonl", "test")
-    rows = {r["question"]: r for r in read_jsonl(tmp_path / "predictions.jsonl")}
+    def records(name, *rest):  # kept in a file, as a run keeps them
+        return east.records_in_batches(tmp_path / name, *rest)
+    hooks = types.SimpleNamespace(generate=canned_generate, records=records)
+    report = east.evaluate(types.SimpleNamespace(eval=lambda: None), CharTokenizer(), questions, args, "test",
+                           hooks)
+    rows = {r["question"]: r for r in read_jsonl(tmp_path / "predictions_test.jsonl")}
     assert {q: r["majority_correct"] for q, r in rows.items()} == {"a": False, "bb": False, "ccc": True}
     assert all(r["any_correct"] for r in rows.values())
     assert (report["accuracy"], report["maj@3"], report["pass@3"]) == (1 / 3, 1 / 3, 1.0)
@@ -2576,18 +2614,18 @@ def test_a_damaged_checkpoint_of_the_next_rounds_start_is_one_line(tiny_model, s
     # The chain's checkpoint that iteration 2 starts from, cut off: one line naming it, nothing written.
     out = tmp_path / "out"
     argv = tiny_argv(tiny_model, sevens_file, out, "--iterations", "2")
-    real_round = east.self_training_round
+    real_training_set = east.training_set
 
     def stop_after_the_first(*args, **kwargs):
-        if args[4] == "alpha1_iter2":
+        if args[2].tag == "alpha1_iter2":
             raise KeyboardInterrupt
-        return real_round(*args, **kwargs)
+        return real_training_set(*args, **kwargs)
 
-    east.self_training_round = stop_after_the_first
+    east.training_set = stop_after_the_first
     try:
         assert east.main(argv) == 130
     finally:
-        east.self_training_round = real_round
+        east.training_set = real_training_set
     checkpoint = out / "checkpoint_alpha1_iter1.pt"
     assert "optimizer" not in torch.load(checkpoint, weights_only=True)  # training done: weights alone
     checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
@@ -2960,12 +2998,14 @@ def test_a_repeat_that_trains_like_an_earlier_one_counts_once(tmp_path, capsys):
         row = {"id": "test-0", "question": "q", "gold": "7", "response": "7", "correct": tag != "backbone"}
         write(tmp_path / f"predictions_{tag}.jsonl", json.dumps(row) + "\n")
     timed = types.SimpleNamespace(figures=dict, save=lambda: None)
+    folder.timed = timed
     try:
-        with folder.recording({"accuracy": 0.0}, 0, timed) as report:
-            for r in rounds:
-                folder.add_round(r)
+        folder.backbone_evaluated({"accuracy": 0.0})
+        for r in rounds:
+            folder.add_round(r)
     finally:
         east.HELD_LOCKS.pop().close()
+    report = folder.report
     printed = capsys.readouterr().out
     assert "[alpha1_r2] trained exactly as alpha1_r1 (same chosen paths and batches)" in printed
     assert [r.get("twin_of") for r in report["rounds"]] == [None, "alpha1_r1", None]
