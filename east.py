@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 try:
@@ -131,11 +132,9 @@ def entropy_weights(entropies, alpha, mapping="power", floor=ENTROPY_FLOOR):
 # Scoring the sampled questions (steps 2-5)
 
 # The uncertainty u(x_i) fed to the mapping f: EAST's entropy, or the paper's two ablations.
-UNCERTAINTY = {
-    "entropy": lambda s: s["entropy"],  # H(x_i)
-    "accuracy": lambda s: 1 - s["accuracy"],  # 1 - A(x_i), A = share of correct samples
-    "rejected": lambda s: s["rejected_share"],  # R(x_i), share of the most common wrong answer (or none)
-}
+UNCERTAINTY = {"entropy": lambda s: s["entropy"],  # H(x_i)
+               "accuracy": lambda s: 1 - s["accuracy"],  # 1 - A(x_i), A = share of correct samples
+               "rejected": lambda s: s["rejected_share"]}  # R(x_i), share of the most common wrong answer
 # The training examples a kept question gives each objective (step 6): SFT its chosen path; DPO one pair,
 # if it has a rejected path; KTO its chosen path, and its rejected one as an undesirable example.
 EXAMPLES_PER_QUESTION = {"sft": lambda s: 1, "dpo": lambda s: int(s["rejected"] is not None),
@@ -240,23 +239,25 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
 # The loop is wrapped from outside through `hooks`, an object Part 1 calls at fixed places and never looks
 # inside (as Hugging Face Trainer passes side work to callbacks): Part 2's RunFolder for a run, its Machinery
 # for train() alone. What each hook gives back, and what Part 2 does there besides:
-#   phase(name)              a `with` block around a phase of the run: timed
 #   generate(...)            what Part 1's generate returns: made in calls that fit in memory, or by vLLM
 #   records(name, questions, batch_size, label, make)   every question's record, in order, from make(batch):
 #                            appended batch by batch to the run folder's file `name`; a rerun makes only
-#                            the questions that file lacks, and several processes share the batches
-#   backbone_evaluated(evaluation)    nothing: results.json starts with it
-#   rounds(args)             the rounds still to run, each with alpha, tag, args, start (the tag of the round
-#                            whose weights it starts from, None: the backbone) and samples (None: step 1's;
-#                            else the name of its own: a repeat's, or an iteration's by the round before);
+#                            the questions that file lacks, several processes share the batches; timed
+#   rounds(args, backbone)   the rounds still to run (results.json starts with the backbone's evaluation),
+#                            each with alpha, tag, args, start (the tag of the round
+#                            whose weights it starts from, None: the backbone) and samples (its samples
+#                            file: step 1's samples.jsonl, or its own: a repeat's, or an iteration's drawn by
+#                            the round before);
 #                            for each alpha a chain of --iterations rounds, for each of --repeats, less what
 #                            an earlier run finished
 #   starting_weights(planned, model, tokenizer)   the (model, tokenizer) holding those starting weights
 #   weighted(tag, scored)    nothing: weights_TAG.jsonl written
+#   phase(name)              a `with` block around a round's training: timed
 #   round_finished(planned, model, tokenizer, scored, evaluation)   nothing: results.json, --save-model
 #   training_mode(model, on) the model, into training or out: activation checkpointing, FSDP, vLLM stopped
 #   resume(model, optimizer, scheduler, scaler, total_steps)   the steps an earlier run finished, restored
-#   micro_batches(examples, size)     the effective batch (this process's share of it) in micro-batches
+#   micro_batches(examples, size)     the effective batch (this process's share of it) in micro-batches,
+#                            of examples of similar lengths (less padding: the gradient is the same)
 #   gradients_ready(model, loss, tokens)   (loss, tokens) of the batch: summed, with the gradients, over
 #                            the processes
 #   step_done(row, model, optimizer, scheduler, scaler, total_steps)   nothing: loss log and checkpoint
@@ -267,31 +268,21 @@ def experiment(model, tokenizer, train_questions, test_questions, args, hooks):
     2-5), train (6), evaluate (7). With --iterations, each alpha's trained model samples anew and trains again
     from its own weights (iterative self-training). Returns each model's evaluation by tag.
     hooks: see above (Part 2's RunFolder)."""
-    with hooks.phase("sample"):  # step 1
-        records = sample_responses(model, tokenizer, train_questions, args, "samples.jsonl", hooks)
-    with hooks.phase("eval backbone"):  # step 7 before training
-        results = {"backbone": evaluate(model, tokenizer, test_questions, args, "backbone", hooks)}
-    print(f"backbone accuracy: {100 * results['backbone']['accuracy']:.1f}% "
-          f"({results['backbone']['correct']}/{results['backbone']['total']})")
-    hooks.backbone_evaluated(results["backbone"])
-    for planned in hooks.rounds(args):  # each alpha, and each iteration of it
+    records = sample_responses(model, tokenizer, train_questions, args, "samples.jsonl", hooks)  # step 1
+    results = {"backbone": evaluate(model, tokenizer, test_questions, args, "backbone", hooks)}  # step 7
+    for planned in hooks.rounds(args, results["backbone"]):  # each alpha (its iterations, its repeats)
         model, tokenizer = hooks.starting_weights(planned, model, tokenizer)  # backbone or previous round
-        round_records = records
-        if planned.samples:  # step 1 again: the next iteration's samples, by the model of the round before
-            with hooks.phase(f"sample {planned.samples}"):
-                round_records = sample_responses(model, tokenizer, train_questions, planned.args,
-                                                 f"samples_{planned.samples}.jsonl", hooks)
-        scored, examples = training_set(tokenizer, round_records, planned, hooks)  # steps 2-5
+        drawn = records
+        if planned.samples != "samples.jsonl":  # step 1 again: a repeat's own draw, or the next iteration's
+            drawn = sample_responses(model, tokenizer, train_questions, planned.args, planned.samples, hooks)
+        scored, examples = training_set(tokenizer, drawn, planned, hooks)  # steps 2-5
         if not examples:
             continue
         with hooks.phase(f"train {planned.tag}"):  # step 6
             model = train(model, tokenizer, examples, planned.args, hooks)
-        with hooks.phase(f"eval {planned.tag}"):  # step 7
-            result = results[planned.tag] = evaluate(model, tokenizer, test_questions, planned.args,
-                                                     planned.tag, hooks)
-        print(f"[{planned.tag}] accuracy: {100 * result['accuracy']:.1f}% "
-              f"({result['correct']}/{result['total']})")
-        hooks.round_finished(planned, model, tokenizer, scored, result)
+        # step 7
+        results[planned.tag] = evaluate(model, tokenizer, test_questions, planned.args, planned.tag, hooks)
+        hooks.round_finished(planned, model, tokenizer, scored, results[planned.tag])
     return results
 
 def training_set(tokenizer, records, planned, hooks):
@@ -307,10 +298,9 @@ def training_set(tokenizer, records, planned, hooks):
           f"correct path, {len(scored) - len(kept) - no_path} whose correct paths were all cut off")
     examples = build_examples(tokenizer, scored, args.loss)
     if not examples:
-        print(f"[{tag}] warning: nothing to train: no question has a correct path that ended" + (
-            f", and one that ended with a wrong answer (--loss {args.loss} trains pairs)" if kept else "") +
-            ". Try a larger --num-samples or --max-new-tokens, easier data, a stronger --model" + (
-            " or --loss sft" if kept else ""))
+        pairs = f", and one that ended with a wrong answer (--loss {args.loss} trains pairs)" if kept else ""
+        print(f"[{tag}] warning: nothing to train: no question has a correct path that ended{pairs}. Try a "
+              f"larger --num-samples or --max-new-tokens, easier data, a stronger --model or --loss sft")
         return scored, examples
     weights = [e["weight"] for e in examples]
     print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}) of the {len(examples)} training "
@@ -335,15 +325,14 @@ def render_prompt(tokenizer, question, style="gsm8k"):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 def end_token_ids(model, tokenizer):
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    return ids | {tokenizer.eos_token_id}
+    ids = model.generation_config.eos_token_id  # one, a list, or None
+    return {tokenizer.eos_token_id, *(ids if isinstance(ids, list) else [ids])} - {None}
 
 NUCLEUS_CANDIDATES = 256
 
 def next_tokens(logits, args, greedy, uniform=None):
     """One token per row: the most likely, or a sample at --temperature from the --top-p nucleus, drawn
-    with one uniform number in [0, 1) per row (fresh ones when none are given)."""
+    with one uniform number in [0, 1) per row (uniform, (B,))."""
     if greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / args.temperature, dim=-1)
@@ -359,8 +348,6 @@ def next_tokens(logits, args, greedy, uniform=None):
     # The first token whose cumulative mass exceeds u (side="right"), so a zero-probability token is never
     # drawn, not even for u = 0.
     cdf = probs.cumsum(-1)
-    if uniform is None:
-        uniform = torch.rand(len(cdf), device=cdf.device)
     u = uniform[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
@@ -377,10 +364,9 @@ def generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=No
     cache: each prompt is encoded once and its cache copied for its samples; a sequence leaves the batch as
     soon as it emits an end token. Sampling uses exactly --temperature and --top-p."""
     from transformers import DynamicCache
-    if seeds is None:
-        seeds = [0] * len(prompts) if greedy else torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
     device = next(model.parameters()).device
     if not greedy:  # every uniform number each sample will use, one row per sample
+        seeds = seeds or torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         uniforms = torch.cat([torch.rand(num_return, args.max_new_tokens, generator=g) for g in generators])
         uniforms = uniforms.to(device)
@@ -466,14 +452,13 @@ def build_examples(tokenizer, scored, loss):
              "weight": s["weight"]} for (s, response, desirable), (_, other, _) in zip(items, partners)]
 
 def collate(sequences, pad_id, device):
-    """Right-pad to the longest sequence: padding gets attention 0 and label -100."""
-    width = max(len(e["input_ids"]) for e in sequences)
-    def pad(seq, value):
-        return seq + [value] * (width - len(seq))
-    return {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in sequences], device=device),
-            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in sequences],
-                                           device=device),
-            "labels": torch.tensor([pad(e["labels"], -100) for e in sequences], device=device)}
+    """Right-pad to the longest sequence: padding gets attention 0 and label -100. Each tensor (B, T)."""
+    def padded(rows, value):
+        tensors = [torch.tensor(row, device=device) for row in rows]
+        return pad_sequence(tensors, batch_first=True, padding_value=value)
+    ids = [e["input_ids"] for e in sequences]
+    return {"input_ids": padded(ids, pad_id), "attention_mask": padded([[1] * len(row) for row in ids], 0),
+            "labels": padded([e["labels"] for e in sequences], -100)}
 
 GRAD_CLIP = 1.0  # the max-norm the authors' trainer (Hugging Face Trainer) used by default
 REFERENCE_FIELDS = {"sft": (), "dpo": ("chosen", "rejected"), "kto": ("sequence", "mismatched")}
@@ -491,9 +476,8 @@ def autocast(device):
 
 def logits_and_labels(model, sequences, pad_id):
     """(logits, labels, tokens) of a padded batch of tokenised sequences."""
-    device = next(model.parameters()).device
-    batch = collate(sequences, pad_id, device)
-    with autocast(device):
+    batch = collate(sequences, pad_id, model.device)
+    with autocast(model.device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits, batch["labels"], int(batch["attention_mask"].sum())
 
@@ -526,10 +510,9 @@ def kto_reference_point(model, examples, micro_batch_size, pad_id):
 
 def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=None):
     """The weighted loss of a few examples, divided by the effective batch size; returns (loss, tokens)."""
-    device = next(model.parameters()).device
-    weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32, device=device)
+    weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32, device=model.device)
     def reference(field):
-        return torch.tensor([e[f"reference_{field}"] for e in batch], device=device)
+        return torch.tensor([e[f"reference_{field}"] for e in batch], device=model.device)
     fields = ("chosen", "rejected") if args.loss == "dpo" else ("sequence",)  # DPO: both in one pass, (2B, T)
     logits, labels, tokens = logits_and_labels(model, [e[f] for f in fields for e in batch], pad_id)
     if args.loss == "sft":
@@ -538,7 +521,7 @@ def micro_batch_loss(model, batch, num_examples, args, pad_id, reference_point=N
     if args.loss == "dpo":
         return weighted_dpo_loss(policy[:len(batch)], policy[len(batch):], reference("chosen"),
                                  reference("rejected"), weights, args.beta, num_examples), tokens
-    desirable = torch.tensor([e["desirable"] for e in batch], device=device)
+    desirable = torch.tensor([e["desirable"] for e in batch], device=model.device)
     return weighted_kto_loss(policy, reference("sequence"), desirable, reference_point, weights, args.beta,
                              args.desirable_weight, args.undesirable_weight, num_examples), tokens
 
@@ -546,14 +529,10 @@ def accumulate_gradients(model, examples, args, pad_id, scaler, hooks):
     """Forward and backward one effective batch in micro-batches; returns its (loss, tokens). Every loss is
     already divided by the whole batch's size, so the gradients add up to the whole batch's (with several
     processes, each takes a share: hooks.micro_batches, and hooks.gradients_ready sums them)."""
-    kto = args.loss == "kto"  # KTO's reference point z0 is the whole batch's
-    reference_point = kto_reference_point(model, examples, args.micro_batch_size, pad_id) if kto else None
+    z0 = kto_reference_point(model, examples, args.micro_batch_size, pad_id) if args.loss == "kto" else None
     total_loss, total_tokens = 0.0, 0
-    # Micro-batches of similar lengths pad less; the effective batch, and so its gradient, is the same.
-    fields = ("sequence", "chosen", "rejected")
-    by_length = sorted(examples, key=lambda e: max(len(e[f]["input_ids"]) for f in fields if f in e))
-    for batch in hooks.micro_batches(by_length, args.micro_batch_size):
-        loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, reference_point)
+    for batch in hooks.micro_batches(examples, args.micro_batch_size):
+        loss, tokens = micro_batch_loss(model, batch, len(examples), args, pad_id, z0)  # z0: the batch's
         scaler.scale(loss).backward()  # with fp16 scaled up (see train); else as it is
         total_loss += loss.item()
         total_tokens += tokens
@@ -624,7 +603,9 @@ def evaluate(model, tokenizer, questions, args, label, hooks):
         return [prediction_row(q, *row) for q, *row in zip(batch, *greedy, *sampled)]
     per_call = args.gen_batch_size * args.num_samples  # greedy: as many sequences per call as in sampling
     rows = hooks.records(f"predictions_{label}.jsonl", questions, per_call, f"evaluating {label}", answer)
-    return accuracy_report(rows, args.eval_samples)
+    report = accuracy_report(rows, args.eval_samples)
+    print(f"[{label}] accuracy: {100 * report['accuracy']:.1f}% ({report['correct']}/{report['total']})")
+    return report
 
 def prediction_row(question, greedy, greedy_ended, samples=None, samples_ended=None):
     """A test question's row of predictions: its greedy response, answer and grade; with samples, also the
@@ -648,20 +629,14 @@ def majority_answer(answers):
     return next((a for a, _ in cluster_answers(answers) if a != NO_ANSWER), None)
 
 def accuracy_report(rows, k=0):
-    """Accuracy (and maj@k, pass@k) over prediction rows, also per MATH level and subject when known."""
+    """Accuracy (and maj@k, pass@k) over prediction rows (Part 2 adds the accuracy per MATH level and
+    subject: accuracy_by_group)."""
     share = statistics.fmean  # of flags: the share that are True
     report = {"accuracy": share(r["correct"] for r in rows), "correct": sum(r["correct"] for r in rows),
               "total": len(rows), "truncated": share(not r.get("ended", True) for r in rows)}
     if k:
         report[f"maj@{k}"] = share(r["majority_correct"] for r in rows)
         report[f"pass@{k}"] = share(r["any_correct"] for r in rows)
-    for field in ("level", "subject"):  # only where every row has one: else the groups would not sum to all
-        groups = sorted({r.get(field) for r in rows}, key=str)  # levels may be numbers or text
-        if None not in groups:
-            report[f"by_{field}"] = {g: share(r["correct"] for r in rows if r[field] == g) for g in groups}
-        elif len(groups) > 1:  # some rows have one: said, since a breakdown the data has is left out
-            print(f"note: {sum(field in r for r in rows)} of the {len(rows)} predictions have a {field}, not "
-                  f"all: no accuracy by {field}")
     return report
 
 
@@ -1080,19 +1055,6 @@ def gather(items):
     torch.distributed.all_gather_object(parts, items)
     return [item for part in parts for item in part]
 
-def sum_over_processes(model, loss, tokens):
-    """Data parallel: every process's gradients summed into each (a sharded model has summed its own), and the
-    batch's loss and tokens summed; each loss is already divided by the whole batch's size."""
-    if world_size() == 1:
-        return loss, tokens
-    if not is_sharded(model):
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                if parameter.grad is None:  # this process had no example in this batch
-                    parameter.grad = torch.zeros_like(parameter)
-                torch.distributed.all_reduce(parameter.grad)
-    return sum(gather([loss])), sum(gather([tokens]))
-
 def own_file(path):
     """The file this process appends to: path itself, or with several processes one file each."""
     return path if world_size() == 1 else path.with_name(f"{path.stem}.process{rank()}{path.suffix}")
@@ -1135,6 +1097,7 @@ def shard(model):
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, not average: each loss already divides by the batch
             module.set_force_sum_reduction_for_comms(True)  # a plain sum, which gloo (CPU) can do too
+    print(f"training: sharded among {world_size()} processes (FSDP)")
     return model
 
 @torch.no_grad()
@@ -1166,16 +1129,14 @@ def load_training_state(model, optimizer, model_state, optimizer_state=None):
     alone."""
     if not is_sharded(model):
         model.load_state_dict(model_state)
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(optimizer_state or optimizer.state_dict())  # none: as it is
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
     options = StateDictOptions(full_state_dict=True)
-    if optimizer_state is None:
-        set_model_state_dict(model, model_state, options=options)
-    else:
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=options)
+    if optimizer_state is None:  # the weights alone
+        return set_model_state_dict(model, model_state, options=options)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=options)
 
 
 # -----------------------------------------------------------------------------
@@ -1231,10 +1192,9 @@ def generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seed
     from vllm import SamplingParams
     engine = start_vllm(model, tokenizer, args)
     seeds = seeds or [None] * len(prompts)  # none given: greedy, or vLLM's own random numbers
-    params = [SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature,
+    params = [SamplingParams(n=num_return, temperature=0.0 if greedy else args.temperature, seed=seed,
                              top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
-                             stop_token_ids=sorted(end_token_ids(model, tokenizer)), seed=seed)
-              for seed in seeds]
+                             stop_token_ids=sorted(end_token_ids(model, tokenizer))) for seed in seeds]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     results = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     TOKENS.update(prompt=sum(map(len, prompt_ids)),
@@ -1293,21 +1253,17 @@ class Machinery:
 
     def __init__(self, args, loss_log=None, checkpoint=None):
         self.args, self.loss_log, self.training_checkpoint = args, loss_log, checkpoint or Checkpoint(None)
-        self.log, self.padding_tokens = None, 0  # the open loss log; the tokens of lockstep passes
 
     def generate(self, model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
         """With --engine vllm, vLLM; else Part 1's generate in calls of at most as many sequences as a
         sampling call makes (--gen-batch-size x n), so what fits in memory when sampling fits here too,
-        whatever num_return is (maj@k's k, say). Its tokens are counted in TOKENS from its forward passes:
-        a prompt's pass (logits_to_keep) reads the prompts, each later pass feeds one generated token per
-        row, and every sequence's last token, never fed back, is one more."""
+        whatever num_return is (maj@k's k, say). Its tokens are counted in TOKENS: the prompts', and the
+        generated ones from its forward passes: each pass after a prompt's (which has logits_to_keep) feeds
+        one generated token per row, and every sequence's last token, never fed back, is one more."""
         if args.engine == "vllm":
             return generate_with_vllm(model, tokenizer, prompts, num_return, args, greedy, seeds)
         def count(module, inputs, kwargs):
-            if "logits_to_keep" in kwargs:
-                TOKENS["prompt"] += int(kwargs["attention_mask"].sum())
-            else:
-                TOKENS["generated"] += len(kwargs["input_ids"])
+            TOKENS["generated"] += 0 if "logits_to_keep" in kwargs else len(kwargs["input_ids"])
         size = max(1, args.gen_batch_size * args.num_samples // num_return)  # prompts per call
         hook = model.register_forward_pre_hook(count, with_kwargs=True)
         try:
@@ -1316,20 +1272,18 @@ class Machinery:
         finally:
             hook.remove()
         TOKENS["generated"] += len(prompts) * num_return
+        TOKENS["prompt"] += sum(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"]))
         return [texts for part in parts for texts in part[0]], [ended for part in parts for ended in part[1]]
 
     def training_mode(self, model, on):
         """The model into training (on) or out of it. With --engine vllm, vLLM is stopped first (the GPU is
         the trained model's now); activation checkpointing with --gradient-checkpointing; with --fsdp its
         weights, gradients and AdamW state split among the processes, and whole again after."""
-        if on:
-            stop_vllm()
+        stop_vllm()  # (running only before training)
         if self.args.gradient_checkpointing:
             model.activation_checkpointing_enable() if on else model.activation_checkpointing_disable()
         if self.args.fsdp:
             model = shard(model) if on else unshard(model)
-        if self.args.fsdp and on:
-            print(f"training: sharded among {world_size()} processes (FSDP)")
         if not on and self.log:
             self.log.close()
         return model.train(on)
@@ -1342,22 +1296,32 @@ class Machinery:
         return done
 
     def micro_batches(self, examples, size):
-        """This process's share of the batch (every world_size-th example) in micro-batches. With FSDP every
-        process makes as many forward passes as the busiest one (a sharded model gathers each layer's weights
-        in every pass, together): an extra pass is of an example weighted 0, which trains nothing."""
-        share = my_share(examples)
+        """This process's share of the batch (every world_size-th example, by length: micro-batches of similar
+        lengths pad less, and the batch's gradient is the same) in micro-batches. With FSDP every process
+        makes as many forward passes as the busiest one (a sharded model gathers each layer's weights in every
+        pass, together): an extra pass is of an example weighted 0, which trains nothing."""
+        fields = [f for f in ("sequence", "chosen", "rejected") if f in examples[0]]  # what a pass reads
+        share = my_share(sorted(examples, key=lambda e: max(len(e[f]["input_ids"]) for f in fields)))
         batches = [share[start:start + size] for start in range(0, len(share), size)]
         extra = max(gather([len(batches)])) - len(batches) if self.args.fsdp else 0
-        fields = [f for f in ("sequence", "chosen", "rejected") if f in examples[0]]  # what a pass reads
         self.padding_tokens = extra * sum(len(examples[0][f]["input_ids"]) for f in fields)
         return batches + [[{**examples[0], "weight": 0.0}]] * extra
 
     def gradients_ready(self, model, loss, tokens):
-        """Every process's gradients summed into each, and the batch's loss and tokens (sum_over_processes);
-        this process's trained tokens, less its extra passes', go to TOKENS."""
+        """Data parallel: every process's gradients summed into each (a sharded model has summed its own), and
+        the batch's loss and tokens summed; each loss is already divided by the whole batch's size. This
+        process's trained tokens, less its extra passes' (padding_tokens: micro_batches), go to TOKENS."""
         tokens -= self.padding_tokens
         TOKENS["trained"] += tokens
-        return sum_over_processes(model, loss, tokens)
+        if world_size() == 1:
+            return loss, tokens
+        if not is_sharded(model):
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    if parameter.grad is None:  # this process had no example in this batch
+                        parameter.grad = torch.zeros_like(parameter)
+                    torch.distributed.all_reduce(parameter.grad)
+        return sum(gather([loss])), sum(gather([tokens]))
 
     def step_done(self, row, model, optimizer, scheduler, scaler, total_steps):
         if self.log:
@@ -1747,7 +1711,7 @@ class RunFolder(Machinery):
 
     def __init__(self, args, train_questions=(), test_questions=()):
         super().__init__(args)
-        self.path, self.holds = Path(args.output_dir), None  # holds: see weights_of
+        self.path, self.holds = Path(args.output_dir), None  # holds: see starting_weights
         self.report, self.timed, self.device, self.too_long = None, None, None, []  # run() sets the last 3
         self.questions, self.finished = (train_questions, test_questions), {}  # finished: tag -> its entry
         try:
@@ -1799,71 +1763,31 @@ class RunFolder(Machinery):
         return self.timed(name)
 
     def records(self, name, questions, batch_size, label, make):
-        num_samples = self.args.num_samples if name.startswith("samples") else None  # a samples file's n
-        return records_in_batches(self / name, questions, batch_size, label, make, num_samples)
+        """The records of the file `name` (records_in_batches), each file's making a phase of the timings:
+        samples_r2.jsonl is "sample r2", predictions_alpha1.jsonl "eval alpha1"."""
+        kind, _, what = name.removesuffix(".jsonl").partition("_")
+        with self.timed(f"{dict(samples='sample', predictions='eval')[kind]} {what}".strip()):
+            rows = records_in_batches(self / name, questions, batch_size, label, make,
+                                      self.args.num_samples if kind == "samples" else None)
+        self.groups = accuracy_by_group(rows) if kind == "predictions" else {}  # for the report, next
+        return rows
 
-    def backbone_evaluated(self, evaluation):
-        """The report that results.json holds starts: rewritten whole after every round and at the end."""
-        self.report = {"config": vars(self.args), "backbone": evaluation, "rounds": [],
+    def rounds(self, args, backbone):
+        """Part 1's rounds still to run, results.json started with the backbone's evaluation (rewritten whole
+        after every round and at the end). --repeats K replicates them all: each repeat draws its own samples
+        with its own seed (with --same-samples, only its training seed), once a round of it is to run. Within
+        a repeat, each alpha's chain of iterations, each round with `start`, whose weights it starts from
+        (None: the backbone), and its loss log and checkpoint. A finished round is skipped (and reported from
+        its records) unless the next needs its weights and its checkpoint is gone; a chain stops at a round
+        that found nothing to train; once a chain is finished its checkpoints are deleted."""
+        self.report = {"config": vars(self.args), "backbone": {**backbone, **self.groups}, "rounds": [],
                        "skipped_long_prompts": self.too_long}
-
-    def rounds(self, args):
-        """Part 1's rounds for every repeat, less what an earlier run finished (rounds_to_run). --repeats K
-        replicates them all: each repeat draws its own samples with its own seed (with --same-samples, only
-        its training seed), once a round of it is to run. Each round trains with its loss log and
-        checkpoint."""
-        for repeat in range(1, args.repeats + 1):
+        for repeat, alpha in itertools.product(range(1, args.repeats + 1), args.alpha):
             round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
-            for planned in self.rounds_to_run(repeat, round_args):  # each alpha's chain, what is left
-                samples = self.samples_path(planned).stem.removeprefix("samples")
-                planned.args, planned.samples = round_args, samples.removeprefix("_") or None
-                self.loss_log = self / f"train_log_{planned.tag}.jsonl"
-                self.training_checkpoint = self.checkpoint(planned.tag)
-                yield planned
-
-    def starting_weights(self, planned, model, tokenizer):
-        return self.weights_of(planned.start, model, tokenizer, self.device)
-
-    def weighted(self, tag, scored):
-        self.write(f"weights_{tag}.jsonl", "".join(json.dumps({k: v for k, v in s.items() if k != "question"})
-                                                    + "\n" for s in scored))
-
-    def round_finished(self, planned, model, tokenizer, scored, evaluation):
-        if self.args.save_model:
-            self.save_model(model, tokenizer, planned.tag)
-        self.add_round(round_report(planned, scored, evaluation, planned.args))
-
-    def write(self, name, content):
-        """One process writes for all, whole (write_atomically)."""
-        if is_main():
-            write_atomically(self / name, content)
-
-    def save_model(self, model, tokenizer, tag):
-        if is_main():
-            for part in (model, tokenizer):
-                part.save_pretrained(self / f"model_{tag}")
-            print(f"saved the trained model to {self / f'model_{tag}'}")
-
-    def checkpoint(self, tag):  # training a round anew makes its predictions void
-        return Checkpoint(self / f"checkpoint_{tag}.pt", stale=self / f"predictions_{tag}.jsonl")
-
-    def samples_path(self, planned):
-        """The samples a round trains on: from iteration 2 on its own, drawn with the weights of the round
-        before it; else its repeat's (with --same-samples every repeat's are the first's)."""
-        own = planned.iteration > 1 or planned.repeat > 1 and not self.args.same_samples
-        name = planned.tag if planned.iteration > 1 else f"r{planned.repeat}"
-        return self / (f"samples_{name}.jsonl" if own else "samples.jsonl")
-
-    def rounds_to_run(self, repeat, round_args):
-        """The rounds of one repeat still to run: each alpha's chain of iterations, each round with `start`,
-        whose weights it starts from (None: the backbone). A finished round is skipped (and reported from its
-        records) unless the next needs its weights and its checkpoint is gone; a chain stops at a round that
-        found nothing to train; once a chain is finished its checkpoints are deleted."""
-        for alpha in self.args.alpha:
-            names = [f"alpha{alpha:g}" + (f"_iter{i}" if self.args.iterations > 1 else "")
-                     for i in range(1, self.args.iterations + 1)]
+            names = [f"alpha{alpha:g}" + (f"_iter{i}" if args.iterations > 1 else "")
+                     for i in range(1, args.iterations + 1)]
             chain = [types.SimpleNamespace(alpha=alpha, repeat=repeat, iteration=iteration, name=name,
-                                           tag=name + (f"_r{repeat}" if self.args.repeats > 1 else ""))
+                                           tag=name + (f"_r{repeat}" if args.repeats > 1 else ""))
                      for iteration, name in enumerate(names, 1)]
             for entry in filter(None, (self.finished_round(planned, round_args) for planned in chain)):
                 self.add_round(entry, rebuilt=True)
@@ -1875,13 +1799,43 @@ class RunFolder(Machinery):
                     accuracy = self.finished[planned.tag]["evaluation"]["accuracy"]
                     print(f"[{planned.tag}] finished in an earlier run ({100 * accuracy:.1f}%); skipped")
                 else:
-                    yield types.SimpleNamespace(**vars(planned), start=start)
+                    self.loss_log = self / f"train_log_{planned.tag}.jsonl"
+                    self.training_checkpoint = self.checkpoint(planned.tag)
+                    yield types.SimpleNamespace(**vars(planned), start=start, args=round_args,
+                                                samples=self.samples_path(planned).name)
                     if planned.tag not in self.finished:  # it trained nothing: the chain cannot go on
                         break
                 start = planned.tag
             if all(planned.tag in self.finished for planned in chain) and is_main():  # needed no more
                 for planned in chain:
                     self.checkpoint(planned.tag).path.unlink(missing_ok=True)
+
+    def weighted(self, tag, scored):
+        self.write(f"weights_{tag}.jsonl", "".join(json.dumps({k: v for k, v in s.items() if k != "question"})
+                                                    + "\n" for s in scored))
+
+    def round_finished(self, planned, model, tokenizer, scored, evaluation):
+        """The round's entry in results.json (add_round); with --save-model, the trained model saved."""
+        if self.args.save_model and is_main():
+            for part in (model, tokenizer):
+                part.save_pretrained(self / f"model_{planned.tag}")
+            print(f"saved the trained model to {self / f'model_{planned.tag}'}")
+        self.add_round(round_report(planned, scored, {**evaluation, **self.groups}, planned.args))
+
+    def write(self, name, content):
+        """One process writes for all, whole (write_atomically)."""
+        if is_main():
+            write_atomically(self / name, content)
+
+    def checkpoint(self, tag):  # training a round anew makes its predictions void
+        return Checkpoint(self / f"checkpoint_{tag}.pt", stale=self / f"predictions_{tag}.jsonl")
+
+    def samples_path(self, planned):
+        """The samples a round trains on: from iteration 2 on its own, drawn with the weights of the round
+        before it; else its repeat's (with --same-samples every repeat's are the first's)."""
+        own = planned.iteration > 1 or planned.repeat > 1 and not self.args.same_samples
+        name = planned.tag if planned.iteration > 1 else f"r{planned.repeat}"
+        return self / (f"samples_{name}.jsonl" if own else "samples.jsonl")
 
     def finished_round(self, planned, round_args):
         """The entry of a round whose predictions hold every test question, rebuilt from its records: its
@@ -1895,15 +1849,17 @@ class RunFolder(Machinery):
         records = [samples[q["id"]] for q in train_questions if q["id"] in samples]  # in question order
         scored = score_questions(records, planned.alpha, round_args.weighting, round_args.mapping,
                                  round_args.seed, round_args.loss)
-        evaluation = accuracy_report([rows[q["id"]] for q in test_questions], round_args.eval_samples)
+        graded = [rows[q["id"]] for q in test_questions]
+        evaluation = {**accuracy_report(graded, round_args.eval_samples), **accuracy_by_group(graded)}
         return round_report(planned, scored, evaluation, round_args)
 
-    def weights_of(self, start, model, tokenizer, device):
-        """model when it holds the weights of round `start` (None: the backbone), else a fresh copy."""
+    def starting_weights(self, planned, model, tokenizer):
+        """model when it holds the weights of round planned.start (None: the backbone), else a fresh copy."""
+        start = planned.start
         if self.holds != start:
             stop_vllm()  # it would hold the GPU memory the fresh model is loaded into
             model.to("meta")  # and so would these weights: freed first, the fresh copy reuses their memory
-            model, tokenizer = load_model(self.args.model, device)
+            model, tokenizer = load_model(self.args.model, self.device)
             if start is not None:
                 model.load_state_dict(read_checkpoint(self.checkpoint(start).path, model, mmap=True)["model"])
             self.holds = start
@@ -1947,19 +1903,17 @@ class Checkpoint:
         if state and state["total_steps"] != total_steps:
             raise UsageError(f"{self.path} is from a training of {state['total_steps']} steps, not "
                              f"{total_steps}; delete it to train afresh, or use another --output-dir")
-        if state and state["step"] == total_steps:
-            load_training_state(model, optimizer, state["model"])
-            print(f"training: finished in an earlier run ({self.path.name}); skipped")
-            return total_steps
-        if self.stale:
+        if self.stale and not (state and state["step"] == total_steps):
             remove_with_process_files(self.stale)
         if state is None:
             return 0
-        load_training_state(model, optimizer, state["model"], state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        print(f"training: resuming after step {state['step']} of {state['total_steps']} ({self.path.name})")
+        load_training_state(model, optimizer, state["model"], state.get("optimizer"))  # at the end: none
+        if state["step"] < total_steps:  # mid-way: the schedule, the scaler and the random state too
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+        print(f"training: resuming after step {state['step']} of {total_steps} ({self.path.name})"
+              if state["step"] < total_steps else f"training: finished in an earlier run ({self.path.name})")
         return state["step"]
 
     def save(self, model, optimizer, scheduler, scaler, step, total_steps, every):
@@ -2256,9 +2210,8 @@ def phase_figures(seconds, tokens, flops, flops_per_second, peak_mb):
     seconds = max(seconds, 1e-9)
     made = tokens["generated"] + tokens["trained"]
     work = sum(tokens[kind] * flops[kind] for kind in ("prompt", "generated", "trained"))
-    return {"seconds": seconds, "tokens": made, "prompt_tokens": tokens["prompt"],
-            "tokens_per_s": made / seconds,
-            "share_of_flop_bound": work / seconds / flops_per_second, "peak_memory_mb": peak_mb}
+    return {"seconds": seconds, "tokens": made, "prompt_tokens": tokens["prompt"], "peak_memory_mb": peak_mb,
+            "tokens_per_s": made / seconds, "share_of_flop_bound": work / seconds / flops_per_second}
 
 
 # -----------------------------------------------------------------------------
@@ -2392,9 +2345,8 @@ def paired_difference(first, second):
     low, high = paired_bootstrap_ci([d / repeats for d in per_question])
     by_repeat = [100 * sum(p[k][1] - p[k][0] for p in pairs.values()) / len(pairs) for k in range(repeats)]
     return {"difference": 100 * sum(per_question) / (repeats * len(pairs)), "ci95": [100 * low, 100 * high],
-            "p": sign_flip_p(per_question),
-            "lost": lost, "gained": gained, "questions": len(pairs), "repeats": repeats,
-            "by_repeat": by_repeat}
+            "p": sign_flip_p(per_question), "lost": lost, "gained": gained, "questions": len(pairs),
+            "repeats": repeats, "by_repeat": by_repeat}
 
 def repeat_statistics(rounds):
     """Mean and sample standard deviation of each run's accuracy over its distinct repeats (--repeats)."""
@@ -2432,6 +2384,20 @@ def paired_comparisons(out, rounds, questions):
 
 # -----------------------------------------------------------------------------
 # Summary and charts
+
+def accuracy_by_group(rows):
+    """Accuracy per MATH level and subject (results.json's by_level and by_subject), by a field only where
+    every prediction row has one: else the groups would not sum to all."""
+    groups_of = {}
+    for field in ("level", "subject"):
+        groups = sorted({r.get(field) for r in rows}, key=str)  # levels may be numbers or text
+        if None not in groups:
+            groups_of[f"by_{field}"] = {g: statistics.fmean(r["correct"] for r in rows if r[field] == g)
+                                        for g in groups}
+        elif len(groups) > 1:  # some rows have one: said, since a breakdown the data has is left out
+            print(f"note: {sum(field in r for r in rows)} of the {len(rows)} predictions have a {field}, not "
+                  f"all: no accuracy by {field}")
+    return groups_of
 
 def round_report(planned, scored, evaluation, args):
     """A round's entry in results.json, from its scored questions and its evaluation alone (a rerun rebuilds
@@ -2481,10 +2447,9 @@ def summarise(report, out):
         versus = "" if label == "backbone" else f"({100 * (ev['accuracy'] - backbone['accuracy']):+.1f})"
         extra = f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
         return f"  {label:<22}{kept:>10}{100 * ev['accuracy']:7.1f}% {versus:>7}{ev['truncated']:9.0%}{extra}"
-    lines = [
-        "", "==================== EAST summary ====================",
-        f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
-        f"weighting {config['weighting']} ({config['mapping']})"]
+    lines = ["", "==================== EAST summary ====================",
+             f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
+             f"weighting {config['weighting']} ({config['mapping']})"]
     if report["rounds"]:
         first = report["rounds"][0]
         e, c, ex = first["entropy"], first["counts"], first["example"]
