@@ -37,8 +37,9 @@ Where the paper is silent, this file decides (each is said where it is done):
 The file is in two parts. Part 1 is EAST, and a reader can stop at its end (the "# Part 2" banner): the
 method (steps 2-6), the experiment (steps 1-7), then sampling, training and evaluation. It uses nothing that
 Part 2 defines but the grader's three entry points, extract_answer, canonical_answer and is_equiv. Part 2
-wraps it from outside through Hooks, whose defaults run the loop in memory: its RunFolder keeps every record
-on disk and resumes a stopped run, and shares the work among processes (FSDP too) or hands sampling to vLLM.
+wraps it from outside through the `hooks` object Part 1 is handed (listed above experiment): its RunFolder
+keeps every record on disk and resumes a stopped run, times each phase, shares the work among processes
+(FSDP too) and can hand sampling to vLLM.
 Part 2 is the rest: the grader's internals, scale, set-up (CLI, data, model, run folder, run()), reporting.
 
 Run:
@@ -243,13 +244,12 @@ def weighted_kto_loss(policy, reference, desirable, reference_point, weights, be
 #   records(name, questions, batch_size, label, make)   every question's record, in order, from make(batch):
 #                            appended batch by batch to the run folder's file `name`; a rerun makes only
 #                            the questions that file lacks, several processes share the batches; timed
-#   rounds(args, backbone)   the rounds still to run (results.json starts with the backbone's evaluation),
-#                            each with alpha, tag, args, start (the tag of the round
-#                            whose weights it starts from, None: the backbone) and samples (its samples
-#                            file: step 1's samples.jsonl, or its own: a repeat's, or an iteration's drawn by
-#                            the round before);
-#                            for each alpha a chain of --iterations rounds, for each of --repeats, less what
-#                            an earlier run finished
+#   rounds(args, backbone)   the rounds still to run: for each alpha a chain of --iterations rounds, for
+#                            each of --repeats, less what an earlier run finished; each with alpha, tag,
+#                            args, start (the tag of the round whose weights it starts from, None: the
+#                            backbone) and samples (its samples file: step 1's samples.jsonl, or its own: a
+#                            repeat's, or an iteration's drawn by the round before). results.json starts
+#                            with the backbone's evaluation
 #   starting_weights(planned, model, tokenizer)   the (model, tokenizer) holding those starting weights
 #   weighted(tag, scored)    nothing: weights_TAG.jsonl written
 #   phase(name)              a `with` block around a round's training: timed
