@@ -2131,8 +2131,32 @@ def test_long_prompts_are_skipped_in_training_and_refused_in_testing(tiny_model,
 # Set-up: the run folder resumes
 
 
+def in_child(function):
+    """function() in a forked child process, its return value brought back (its failure as this test's): a
+    signal sent to the child, or a regression that lets one through, ends the child, never the session."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    def target():
+        try:
+            send.send(("returned", function()))
+        except BaseException as e:  # an assertion, a KeyboardInterrupt let through, pytest.fail
+            send.send(("raised", f"{type(e).__name__}: {e}"))
+    child = context.Process(target=target)
+    child.start()
+    child.join(600)
+    assert child.exitcode == 0 and receive.poll(), f"the child process ended with {child.exitcode}"
+    outcome, value = receive.recv()
+    assert outcome == "returned", value
+    return value
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_a_second_ctrl_c_cannot_break_off_the_message_or_the_clean_up(signum, tmp_path, monkeypatch):
+    in_child(functools.partial(second_signal_in_the_message_and_the_clean_up, signum, tmp_path, monkeypatch))
+
+
+def second_signal_in_the_message_and_the_clean_up(signum, tmp_path, monkeypatch):
     # Ctrl-C (or kill) twice in quick succession: the second lands while the first's message is printed, a
     # third while the folder is unlocked. Each is ignored: main ends with exit 130 and no traceback, the
     # folder unlocked, and Ctrl-C works again afterwards, and kill as it did before.
@@ -2178,7 +2202,8 @@ def test_interrupted_sampling_resumes_without_loss_or_duplicates(
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(east, "generate", generate_then_stop)
-    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 130
+    assert in_child(lambda: east.main(tiny_argv(tiny_model, sevens_file, out))) == 130  # signalled: the child
+    calls += [1, 1]  # the child's two calls
     first_lines = (out / "samples.jsonl").read_text().splitlines()
     assert 1 <= len(first_lines) < 8
 
