@@ -940,15 +940,15 @@ def test_decoding_loop_matches_transformers_greedy_generate(bundled_cache, monke
 # Training (step 6)
 
 
-def test_examples_per_objective():
+def test_examples_per_objective_are_tokenised_as_pairs_and_mismatched_partners():
+    # How many examples each objective gets, their order and weights: test_weights_average_one_over_what_each_
+    # objective_trains. Here, what they hold: DPO's rejected path, KTO's mismatched partner.
     tokenizer = CharTokenizer()
-    sft, dpo, kto = (east.build_examples(tokenizer, east.score_questions(hand_made_records(), 1.0, loss=loss),
-                                         loss) for loss in ("sft", "dpo", "kto"))
+    def examples(loss):
+        return east.build_examples(tokenizer, east.score_questions(hand_made_records(), 1.0, loss=loss), loss)
+    dpo, kto = examples("dpo"), examples("kto")
     scored = east.score_questions(hand_made_records(), 1.0, loss="dpo")
-    assert len(sft) == 3 and len(dpo) == 2 and len(kto) == 3 + 2  # q0 has no wrong answer to reject
-    assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")
-    assert [e["weight"] for e in dpo] == [s["weight"] for s in scored[1:3]]
-    assert [e["desirable"] for e in kto] == [True, True, True, False, False]
+    assert dpo[0]["rejected"] == east.tokenize_example(tokenizer, "q1", "so \\boxed{8}")  # q0 has no pair
     items = ([(s["question"], s["chosen"]) for s in scored[:3]]
              + [(s["question"], s["rejected"]) for s in scored[1:3]])
     for e, (question, _), (_, partner_response) in zip(kto, items, items[1:] + items[:1]):
@@ -974,26 +974,9 @@ def test_prompt_tokens_carry_no_loss(tiny_model):
 
 
 @pytest.mark.slow
-def test_gradient_does_not_depend_on_micro_batching(tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    examples = [{"sequence": east.tokenize_example(tokenizer, "Q" * (3 * i), "7 " * (i + 1)), "weight": w}
-                for i, w in enumerate([0.2, 1.0, 1.3, 1.5])]  # different lengths: different padding
-    grads = {}
-    for micro in (4, 1):
-        model.zero_grad()
-        args = east.build_parser().parse_args(["--micro-batch-size", str(micro)])
-        east.accumulate_gradients(model, examples, args, tokenizer.pad_token_id, DISABLED_SCALER,
-                                  east.Machinery(args))
-        grads[micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert grads[4].abs().sum() > 0
-    assert_close(grads[4], grads[1], rel=1e-5)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
-def test_gradient_does_not_depend_on_micro_batching_for_any_loss(tiny_model, loss):
+def test_gradient_does_not_depend_on_micro_batching(tiny_model, loss):
+    # Examples of different lengths (different padding) and weights: 4x1 and 1x4 give the same gradient.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -2269,12 +2252,7 @@ sys.exit(east.main({tiny_argv(tiny_model, sevens_file, out)!r}))
     records = [json.loads(line) for line in lines]
     assert sorted(r["id"] for r in records) == [f"train-{i}" for i in range(8)]  # none twice, none missing
     assert all(len(r["responses"]) == 4 for r in records)
-    # Each question's samples depend on the seed and its id alone: the resumed run, whose batches were cut
-    # differently, sampled exactly what an uninterrupted run samples.
-    assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "whole")) == 0
-    whole = {r["id"]: r["responses"] for r in read_jsonl(tmp_path / "whole" / "samples.jsonl")}
-    assert {r["id"]: r["responses"] for r in records} == whole
-    assert len({tuple(responses) for responses in whole.values()}) > 1
+    # That the resumed samples are an uninterrupted run's: test_samples_do_not_depend_on_where_batches_are_cut
 
 
 @pytest.mark.slow
@@ -2290,6 +2268,7 @@ def test_samples_do_not_depend_on_where_batches_are_cut(tiny_model, sevens_file,
     assert east.main(tiny_argv(tiny_model, sevens_file, stopped)) == 0
     assert east.main(tiny_argv(tiny_model, sevens_file, tmp_path / "other", "--gen-batch-size", "5")) == 0
     expected = by_question(read_jsonl(whole / "samples.jsonl"))
+    assert len({tuple(r["responses"]) for r in expected}) > 1  # questions draw different samples
     for folder in (stopped, tmp_path / "other"):
         assert by_question(read_jsonl(folder / "samples.jsonl")) == expected, folder.name
 
@@ -2486,12 +2465,16 @@ def test_a_resumed_loss_log_is_cut_back_to_the_checkpoints_step(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [1]
 
 
-def test_a_locked_folder_refuses_a_second_run_and_frees_when_closed(tmp_path):
-    # flock locks belong to an open file, so a second lock_folder in this very process is refused too.
+def test_a_locked_folder_refuses_a_second_run_and_frees_when_closed(tmp_path, capsys):
+    # flock locks belong to an open file, so a second lock_folder in this very process is refused too, and
+    # so is a run into the folder: one line, before any work, with the folder as it was.
     east.lock_folder(tmp_path)
     try:
         with pytest.raises(east.UsageError, match="is in use by another run"):
             east.lock_folder(tmp_path)
+        argv = ["--dataset", "arith", "--output-dir", str(tmp_path), "--device", "cpu"]
+        assert f"{tmp_path} is in use by another run" in run_main_expecting_error(argv, capsys)
+        assert folder_files(tmp_path) == {}
     finally:
         while east.HELD_LOCKS:
             east.HELD_LOCKS.pop().close()
@@ -2500,14 +2483,8 @@ def test_a_locked_folder_refuses_a_second_run_and_frees_when_closed(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_run_per_folder(tiny_model, sevens_file, tmp_path, capsys):
-    import fcntl
-    out = tmp_path / "out"
-    out.mkdir()
-    with open(out / ".lock", "w") as held:  # another run holds the folder
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out), capsys)
-    assert f"{out} is in use by another run" in message and folder_files(out) == {}
+def test_one_run_per_folder(tiny_model, sevens_file, tmp_path):
+    # A held folder refused: test_a_locked_folder_refuses_a_second_run_and_frees_when_closed.
     # Two runs started together into one folder: one runs, the other stops at once with that line.
     argv = tiny_argv(tiny_model, sevens_file, tmp_path / "both", "--epochs", "40")
     first, second = start_east(argv), start_east(argv)
@@ -2975,7 +2952,8 @@ def mcnemar_p(lost, gained):
 
 def test_one_runs_p_value_is_mcnemars_exact_test():
     # One repeat's differences are -1 (lost), +1 (gained) or 0: the sign-flip test is McNemar's exact test
-    cases = [(1, 9, 0.02148), (9, 1, 0.02148), (4, 4, 1.0), (0, 0, 1.0), (0, 6, 2 / 64)]
+    cases = [(1, 9, 0.02148), (9, 1, 0.02148), (4, 4, 1.0), (0, 0, 1.0), (0, 6, 2 / 64), (0, 3, 2 / 8),
+             (3, 3, 1.0), (2, 10, 2 * (1 + 12 + 66) / 2**12)]
     for lost, gained, expected in cases:
         differences = [-1] * lost + [1] * gained + [0] * 5
         assert east.sign_flip_p(differences) == pytest.approx(expected, abs=1e-5)  # 2 * (1 + 10) / 2^10 ...
@@ -3006,9 +2984,6 @@ def test_sign_flip_test_hand_values():
     nonzero = [d for d in table if d]  # the same, enumerating every flip
     sums = [sum(s * d for s, d in zip(signs, nonzero)) for signs in itertools.product((1, -1), repeat=5)]
     assert east.sign_flip_p(table) == sum(abs(s) >= abs(sum(table)) for s in sums) / 32
-    for lost, gained in [(0, 3), (1, 9), (3, 3), (2, 10)]:  # one run's 0/1 grades: McNemar's p
-        differences = [-1] * lost + [1] * gained + [0] * 5
-        assert east.sign_flip_p(differences) == pytest.approx(mcnemar_p(lost, gained))
 
 
 def test_pooled_repeats_count_each_question_once():
