@@ -616,6 +616,19 @@ def count_calls(monkeypatch, name):
     return calls
 
 
+def assert_trained_alike(out, whole, tag="alpha1"):
+    """A stopped and resumed run (out) trained as the whole one did: every step once, the same losses and the
+    same trained weights (model_TAG, --save-model). Returns the resumed run's loss log and weights."""
+    from transformers import AutoModelForCausalLM
+    logs = [read_jsonl(d / f"train_log_{tag}.jsonl") for d in (out, whole)]
+    assert [r["step"] for r in logs[0]] == list(range(1, len(logs[1]) + 1))  # no step twice, none missing
+    assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], rel=1e-5)
+    weights = [AutoModelForCausalLM.from_pretrained(d / f"model_{tag}").state_dict() for d in (out, whole)]
+    for name, value in weights[1].items():
+        assert_close(weights[0][name], value, rel=1e-5, what=name)
+    return logs[0], weights[0]
+
+
 def stop_training_at_step(monkeypatch, step):
     """Training raises KeyboardInterrupt (Ctrl-C) as optimiser step `step` starts, counted over every
     training from now on; returns the real accumulate_gradients, to put back."""
@@ -1098,14 +1111,9 @@ def test_a_whole_run_in_a_gpu_dtype_is_finite_and_resumes_exactly(dtype, tiny_mo
     assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 130
     monkeypatch.setattr(east, "accumulate_gradients", real_accumulate)
     assert east.main(tiny_argv(tiny_model, sevens_file, out, *flags)) == 0
-    logs = [read_jsonl(d / "train_log_alpha1.jsonl") for d in (out, whole)]
-    assert len(logs[0]) >= 4 and all(math.isfinite(r["loss"]) for r in logs[0])
-    assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], rel=1e-5)
-    from transformers import AutoModelForCausalLM
-    weights = [AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole)]
-    assert all(torch.isfinite(value).all() for value in weights[0].values())
-    for name, value in weights[1].items():
-        assert_close(weights[0][name], value, rel=1e-5, what=name)
+    log, weights = assert_trained_alike(out, whole)
+    assert len(log) >= 4 and all(math.isfinite(r["loss"]) for r in log)
+    assert all(torch.isfinite(value).all() for value in weights.values())
     for d in (out, whole):
         results = json.loads((d / "results.json").read_text())
         assert all(0 <= r["evaluation"]["maj@2"] <= r["evaluation"]["pass@2"] <= 1 for r in results["rounds"])
@@ -2305,17 +2313,8 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(
     again = {name: data for name, data in folder_files(out).items() if "alpha0" in name}
     again.update({f"model_alpha0/{p.name}": p.read_bytes() for p in (out / "model_alpha0").iterdir()})
     assert again == first_round  # the first round's log, weights, predictions: byte for byte
-    log = read_jsonl(out / "train_log_alpha1.jsonl")
-    assert [r["step"] for r in log] == list(range(1, total + 1))  # no step twice, none missing
-    assert [r["loss"] for r in log] == pytest.approx(
-        [r["loss"] for r in read_jsonl(whole / "train_log_alpha1.jsonl")], rel=1e-6
-    )
-    from transformers import AutoModelForCausalLM
-    resumed, uninterrupted = (
-        AutoModelForCausalLM.from_pretrained(d / "model_alpha1").state_dict() for d in (out, whole)
-    )
-    for name, value in uninterrupted.items():
-        assert_close(resumed[name], value, rel=1e-5, what=name)
+    log, _ = assert_trained_alike(out, whole)
+    assert len(log) == total
     results = {d: json.loads((d / "results.json").read_text()) for d in (out, whole)}
     assert [r["evaluation"] for r in results[out]["rounds"]] == [
         r["evaluation"] for r in results[whole]["rounds"]
