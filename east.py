@@ -1402,6 +1402,8 @@ def check_args(args):
     if args.engine == "vllm" and launched_as_several():
         raise UsageError("--engine vllm runs in one process (vLLM uses its GPU itself); start east.py "
                          "without accelerate launch, or leave out --engine vllm")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # accelerate would need deepspeed
+        raise UsageError("east.py does not use DeepSpeed; launch without --use_deepspeed (--fsdp to shard)")
     # accelerate launch --use_fsdp, or an accelerate config that picks FSDP
     args.fsdp |= os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if args.fsdp and not launched_as_several():
@@ -1757,8 +1759,7 @@ class RunFolder(Machinery):
                 lost = following and following.tag not in self.finished and not self.checkpoint(
                     planned.tag).path.exists()  # the weights the next round starts from
                 if planned.tag in self.finished and not lost:
-                    accuracy = self.finished[planned.tag]["evaluation"]["accuracy"]
-                    print(f"[{planned.tag}] finished in an earlier run ({100 * accuracy:.1f}%); skipped")
+                    print(f"[{planned.tag}] finished in an earlier run; skipped")
                 else:
                     self.loss_log = self / f"train_log_{planned.tag}.jsonl"
                     self.training_checkpoint = self.checkpoint(planned.tag)
@@ -2436,9 +2437,8 @@ def summarise(report, out):
     def accuracy_line(label, kept, ev):
         versus = "" if label == "backbone" else f"({100 * (ev['accuracy'] - backbone['accuracy']):+.1f})"
         extra = f"  maj@{k} {100 * ev[f'maj@{k}']:5.1f}%  pass@{k} {100 * ev[f'pass@{k}']:5.1f}%" if k else ""
-        ended = "-" if ev["ended_accuracy"] is None else f"{100 * ev['ended_accuracy']:.1f}%"
         return (f"  {label:<22}{kept:>10}{100 * ev['accuracy']:7.1f}% {versus:>7}{ev['truncated']:9.0%}"
-                f"{ended:>12}{extra}")
+                f"{'-' if ev['ended_accuracy'] is None else format(ev['ended_accuracy'], '.1%'):>12}{extra}")
     lines = ["", "==================== EAST summary ====================",
              f"model {config['model']} | dataset {config['dataset']} | n={n} | loss {config['loss']} | "
              f"weighting {config['weighting']} ({config['mapping']})"]

@@ -1963,10 +1963,12 @@ def test_batch_order_is_made_as_it_is_read():
     assert list(itertools.islice(east.batch_order(5, 2, 10**9, seed=4), 9)) == expected
 
 
-def test_accelerate_fsdp_config_turns_on_fsdp(tmp_path, capsys, monkeypatch):
+def test_accelerate_fsdp_config_turns_on_fsdp_and_deepspeed_is_refused(tmp_path, capsys, monkeypatch):
     argv = ["--dataset", "arith", "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
     assert "--fsdp splits training among several processes" in run_main_expecting_error(argv, capsys)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate would need deepspeed installed
+    assert "does not use DeepSpeed" in run_main_expecting_error(argv, capsys)
 
 
 def test_bad_data_files(tmp_path, capsys):
