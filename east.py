@@ -55,6 +55,12 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
+# Ctrl-C or kill while the slow imports below load (a second or more): one line and exit 130, no traceback.
+# main() puts its own handlers in place of these.
+if __name__ == "__main__":
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, lambda *_: (print("\ninterrupted at the start", file=sys.stderr), os._exit(130)))
+
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -1910,10 +1916,9 @@ def records_in_batches(path, questions, batch_size, label, make_records, num_sam
     them all."""
     done = read_records(path, questions, num_samples)
     todo = sorted((q for q in questions if q["id"] not in done), key=lambda q: len(q["question"]))
-    print(f"{label}: {len(done)} of {len(questions)} questions already in {path.name}"
-          + ("; skipped" if not todo else f", {len(todo)} to go"))
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-    with tqdm(total=len(todo), desc=label, unit="q", disable=not is_main() or not todo) as bar:
+    # the bar starts at what an earlier run finished: a finished file shows whole at once
+    with tqdm(total=len(questions), initial=len(done), desc=label, unit="q", disable=not is_main()) as bar:
         for start in range(0, len(batches), world_size()):
             mine = my_share(batches[start:start + world_size()])  # one batch, or none at the end
             made = gather(make_records(mine[0]) if mine else [])
@@ -2520,13 +2525,6 @@ def by_backbone_level(c, vanilla):
     cells = [f"H {level['entropy']:.2f} ({level['questions']} q) {shown(level)}" for level in c["by_level"]]
     return ["    by the backbone's uncertainty: " + "; ".join(cells)]
 
-def text_bars(title, labels, values, intervals=None, width=40):
-    """A horizontal bar chart in plain text, with each value's 95% interval when given."""
-    top = max(values, default=0) or 1
-    shown = [f" [{low:.3g}, {high:.3g}]" for low, high in intervals] if intervals else [""] * len(values)
-    return "\n".join([title] + [f"  {label:>12} | {'#' * round(width * v / top):<{width}} {v:.3g}{interval}"
-                                for label, v, interval in zip(labels, values, shown)])
-
 def draw_charts(report, out):
     """The paper's pictures for this run: entropy histogram, weight against uncertainty, accuracy per
     alpha (Figure 3) and per iteration (Figure 4). PNGs when matplotlib is installed, text otherwise."""
@@ -2558,11 +2556,13 @@ def draw_charts(report, out):
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # text charts: a bar of 40 characters at most for each point, its interval beside
         for name, xlabel, ylabel, series in charts:
             for label, xs, ys, intervals in series:
-                title = f"{name} [{label}]: {ylabel} by {xlabel}" + (" [95% interval]" if intervals else "")
-                print(text_bars(title, [f"{x:.3g}" for x in xs], ys, intervals))
+                print(f"{name} [{label}]: {ylabel} by {xlabel}" + (" [95% interval]" if intervals else ""))
+                for x, y, interval in zip(xs, ys, intervals or [None] * len(ys)):
+                    shown = f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval else ""
+                    print(f"  {x:>12.3g} | {'#' * round(40 * y / (max(ys) or 1)):<40} {y:.3g}{shown}")
         return
     for name, xlabel, ylabel, series in charts:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -2625,33 +2625,33 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    # Ctrl-C and kill stop the run as an exception from here on, so that it stops cleanly (finally)
+    handlers = [signal.signal(stop, signal.default_int_handler) for stop in (signal.SIGTERM, signal.SIGINT)]
+    code, message = 0, None
     try:
         benchmark(args) if args.bench else run(args)
-        return 0
     except (UsageError, FloatingPointError) as e:  # bad input, or a loss that is not finite (train)
-        print(f"east.py: error: {e}", file=sys.stderr)
-        return 2
+        code, message = 2, f"east.py: error: {e}"
     except KeyboardInterrupt:
-        # A second Ctrl-C (or kill) cannot break off this line or the clean-up.
-        signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"\ninterrupted: finished batches are saved in {args.output_dir}; "
-              f"rerun the same command to resume", file=sys.stderr)
-        return 130
+        code, message = 130, (f"\ninterrupted: finished batches are saved in {args.output_dir}; rerun the "
+                              f"same command to resume")
     except OSError as e:  # a full disk, a lost mount: what is written stays whole (appends, renames)
-        print(f"east.py: error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was "
-              f"finished is kept in {args.output_dir}: fix that and rerun to resume", file=sys.stderr)
-        return 2
+        code, message = 2, (f"east.py: error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
+                            f"what was finished is kept in {args.output_dir}: fix that and rerun to resume")
     finally:
-        # Nor can a Ctrl-C (or kill) break off the clean-up, however the run ended.
+        # A second Ctrl-C (or kill) cannot break off the last line or the clean-up, however the run ended.
         signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for folder in NEW_FOLDERS:  # a run refused before it wrote anything leaves no folder behind; it
+        if message:
+            print(message, file=sys.stderr)
+        for folder in NEW_FOLDERS:  # a run refused before it wrote anything leaves no folder behind
             if folder.is_dir() and not any(folder.iterdir()):
                 shutil.rmtree(folder)
         NEW_FOLDERS.clear()
         while HELD_LOCKS:  # unlock the run folder
             os.close(HELD_LOCKS.pop())
-        signal.signal(signal.SIGTERM, previous), signal.signal(signal.SIGINT, signal.default_int_handler)
+        if __name__ != "__main__":  # a script ignores them to its exit; a caller (a test) gets its own back
+            signal.signal(signal.SIGTERM, handlers[0]), signal.signal(signal.SIGINT, handlers[1])
+    return code
 
 if __name__ == "__main__":
     code = main()  # with several processes, all is written and the group left: the interpreter's teardown
