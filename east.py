@@ -1402,6 +1402,8 @@ def check_args(args):
         bad = [v for v in (value if isinstance(value, list) else [value]) if not test(v)]  # --alpha: a list
         if bad:
             raise UsageError(f"--{flag.replace('_', '-')} must be {rule}, got {bad[0]!r}")
+    if len({f"{a:.15g}" for a in args.alpha}) < len(args.alpha):  # what a round's tag tells apart (rounds)
+        raise UsageError("--alpha gives a value twice (to 15 significant digits); give each once")
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise UsageError("--engine vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
                          "or leave out --engine to use east.py's own decoding loop")

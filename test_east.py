@@ -1922,6 +1922,8 @@ def test_local_data_dir_loads_without_download(data_dir):
     (["--loss", "dpo", "--beta", "0"], "--beta must be a positive number"),
     (["--alpha", "1", "nan"], "--alpha must be a number from -1000 to 1000"),
     (["--iterations", "0"], "--iterations must be from 1 to 10,000, got 0"),
+    (["--alpha", "1", "0", "1"], "--alpha gives a value twice"),
+    (["--alpha", "0.5", "0.5000000000000001"], "--alpha gives a value twice (to 15 significant digits)"),
     (["--iterations", "1000000000000"], "--iterations must be from 1 to 10,000, got 1000000000000"),
     (["--repeats", "10000000", "--alpha", "0", "1"], "--repeats must be from 1 to 10,000, got 10000000"),
     (["--gen-batch-size", "0"], "--gen-batch-size must be auto or at least 1"),
