@@ -3485,14 +3485,15 @@ def test_a_signal_as_a_refusal_prints_is_ignored_and_leaves_no_folder(signum, tm
 
 
 @pytest.mark.slow
-def test_a_signal_at_a_finished_runs_last_line_is_one_line_or_none(tiny_model, sevens_file, tmp_path):
-    # As the last line prints (Ctrl-C), the run is still in main(): it stops as interrupted, one line, exit
-    # 130. Once main() has returned (kill at the flush after it), the signal is ignored: exit 0. Never a
-    # traceback. (Both signals take both paths: the refusal's test sends each.)
+def test_a_signal_at_a_finished_runs_last_line_is_one_line_or_none(stopped_run, tmp_path):
+    # A finished run's folder run again (it redoes nothing and prints its summary). As the last line prints
+    # (Ctrl-C), the run is still in main(): it stops as interrupted, one line, exit 130. Once main() has
+    # returned (kill at the flush after it), the signal is ignored: exit 0. Never a traceback. (Both signals
+    # take both paths: the refusal's test sends each.)
     for at, signum, code in (("write", signal.SIGINT, 130), ("flush", signal.SIGTERM, 0)):
         out = tmp_path / at
-        done = run_with_a_signal_as_it_prints(tiny_argv(tiny_model, sevens_file, out), "stdout", "files in",
-                                              signum, at)
+        shutil.copytree(stopped_run.out.parent / "whole", out)
+        done = run_with_a_signal_as_it_prints(stopped_run.argv(out), "stdout", "files in", signum, at)
         assert done.returncode == code and "Traceback" not in done.stderr, done.stderr[-2000:]
         last = done.stderr.rstrip().splitlines()[-1]
         assert last.startswith("interrupted: finished batches") if code else "interrupted" not in done.stderr
