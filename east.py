@@ -2628,7 +2628,7 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     # Ctrl-C and kill stop the run as an exception from here on, so that it stops cleanly (finally)
-    handlers = [signal.signal(stop, signal.default_int_handler) for stop in (signal.SIGTERM, signal.SIGINT)]
+    before = [signal.signal(stop, signal.default_int_handler) for stop in (signal.SIGTERM, signal.SIGINT)]
     code, message = 0, None
     try:
         benchmark(args) if args.bench else run(args)
@@ -2652,7 +2652,7 @@ def main(argv=None):
         while HELD_LOCKS:  # unlock the run folder
             os.close(HELD_LOCKS.pop())
         if __name__ != "__main__":  # a script ignores them to its exit; a caller (a test) gets its own back
-            signal.signal(signal.SIGTERM, handlers[0]), signal.signal(signal.SIGINT, handlers[1])
+            signal.signal(signal.SIGTERM, before[0]), signal.signal(signal.SIGINT, signal.default_int_handler)
     return code
 
 if __name__ == "__main__":

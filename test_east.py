@@ -608,8 +608,9 @@ def test_end_to_end_run_writes_every_file(tiny_model, sevens_file, tmp_path, cap
         # a = 2: a kept question whose answers all agree weighs 0
         assert f"  {u:12.2f}{count:10d}{tokens:8.1f}{cut_off:9.0%}{w:10.2f}{share:7.0%}" in shown
         assert (w == 0) == (u == 0)
-    dropped = trained["counts"]["dropped"]
-    assert f"{dropped} of 8 questions: {trained['counts']['no_correct_path']} with no correct path" in shown
+    counts = trained["counts"]
+    assert (f"questions        8 sampled, {counts['kept']} kept; dropped {counts['no_correct_path']} with no "
+            f"correct path") in shown
     steps = read_jsonl(out / "train_log_alpha2.jsonl")
     assert len(steps) == 2 * math.ceil(len(kept) / 4) and all(math.isfinite(s["loss"]) for s in steps)
     assert json.loads((out / "config.json").read_text())["alpha"] == [2.0]
